@@ -1,0 +1,33 @@
+# Two commands on a fresh machine with python3:  make train  |  make test
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/dense.py:tiny
+WORKDIR ?= runs/default
+
+.PHONY: train eval test bench venv clean
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+# Prepares the embedded dataset on first use, trains, then evaluates the final checkpoint.
+train: venv
+	$(PY) train.py --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(PY) eval.py --config=$(CONFIG) --workdir=$(WORKDIR)
+
+eval: venv
+	$(PY) eval.py --config=$(CONFIG) --workdir=$(WORKDIR)
+
+# pytest on 8 fake CPU devices (tests/conftest.py sets them up).
+test: venv
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) benchmarks/train_step.py
+
+clean:
+	rm -rf $(VENV) runs

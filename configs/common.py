@@ -1,0 +1,116 @@
+"""What every model family's config shares: the ONE size table, the training, mesh and data
+defaults, and the parser of `get_config` arguments ("tiny", "small,key=value,...").
+
+Config files import only this module and ml_collections (no jax), so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# The size table. Dense shapes follow the MoMa paper's 90M / 435M / 1.4B models (l/d/F/h)
+# so replications compare like with like; `tiny` trains in minutes on 2 CPU cores.
+# Per size: model shape + default batch, length, steps and peak learning rate. tiny/small fit
+# the embedded dataset's ~110-token sequences; base/1b are meant for longer user datasets
+# (`--config.data.tfds_name=...`) on GPUs/TPUs.
+SIZES = {
+    'tiny':  dict(num_layers=4, embed_dim=128, num_heads=4, num_kv_heads=4, mlp_dim=512,
+                  batch_size=32, seq_len=128, total_steps=600, learning_rate=3e-3),
+    'small': dict(num_layers=8, embed_dim=512, num_heads=8, num_kv_heads=8, mlp_dim=2048,
+                  batch_size=256, seq_len=128, total_steps=20_000, learning_rate=1e-3),
+    'base':  dict(num_layers=24, embed_dim=1024, num_heads=16, num_kv_heads=16, mlp_dim=4096,
+                  batch_size=256, seq_len=2048, total_steps=100_000, learning_rate=3e-4),
+    '1b':    dict(num_layers=24, embed_dim=2048, num_heads=16, num_kv_heads=16, mlp_dim=8192,
+                  batch_size=512, seq_len=4096, total_steps=250_000, learning_rate=1e-4),
+}
+
+# Sizes only big accelerators should run: their default mesh is FSDP over every device and
+# their compute dtype bfloat16.
+ACCELERATOR_SIZES = ('base', '1b')
+
+
+def parse_arg(arg: str, *, allowed: dict[str, object] | None = None):
+  """"small,mod=1,groups=4t4i" -> ("small", {"mod": "1", "groups": "4t4i"}).
+
+  `allowed` maps each variant key a family accepts to its default; unknown keys raise.
+  """
+  parts = [p.strip() for p in (arg or 'tiny').split(',') if p.strip()]
+  size, variants = parts[0], {}
+  if '=' in size:
+    raise ValueError(f'config arg {arg!r} must start with a size, one of {sorted(SIZES)}')
+  if size not in SIZES:
+    raise ValueError(f'unknown size {size!r} in config arg {arg!r}; sizes: {sorted(SIZES)}')
+  allowed = dict(allowed or {})
+  for p in parts[1:]:
+    key, eq, value = p.partition('=')
+    if not eq:
+      raise ValueError(f'config arg part {p!r} is not key=value (in {arg!r})')
+    if key not in allowed:
+      raise ValueError(f'unknown config arg key {key!r} in {arg!r}; '
+                       f'known: {sorted(allowed) or "none"}')
+    variants[key] = value
+  return size, {**allowed, **variants}
+
+
+def base_config(size: str) -> ml_collections.ConfigDict:
+  """Keys every family shares, filled in for `size` from the size table."""
+  s = SIZES[size]
+  big = size in ACCELERATOR_SIZES
+  c = ml_collections.ConfigDict()
+  c.size = size
+
+  c.model = ml_collections.ConfigDict()
+  c.model.family = 'dense'
+  c.model.vocab_size = 384  # data/tokenizer.py VOCAB_SIZE: bytes + specials + image codes
+  c.model.num_layers = s['num_layers']
+  c.model.embed_dim = s['embed_dim']
+  c.model.num_heads = s['num_heads']
+  c.model.num_kv_heads = s['num_kv_heads']
+  c.model.head_dim = s['embed_dim'] // s['num_heads']
+  c.model.mlp_dim = s['mlp_dim']
+  c.model.rope_theta = 10_000.0
+  c.model.attention_impl = ''  # '' (JAX picks) | 'xla' | 'cudnn'
+  c.model.remat = big
+
+  c.total_steps = s['total_steps']
+  c.batch_size = s['batch_size']  # global, in sequences
+  c.seq_len = s['seq_len']
+  c.seed = 0
+  c.learning_rate = s['learning_rate']  # peak
+  c.warmup_steps = max(1, s['total_steps'] // 20)
+  c.end_lr_factor = 0.1  # cosine decays to learning_rate * end_lr_factor
+  c.weight_decay = 0.1
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.95
+  c.adam_eps = 1e-8
+  c.grad_clip = 1.0
+  c.param_dtype = 'float32'
+  c.compute_dtype = 'bfloat16' if big else 'float32'
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1 if big else -1  # -1 = all remaining devices
+  c.mesh.fsdp = -1 if big else 1
+  c.mesh.expert = 1
+  c.mesh.tensor = 1
+
+  c.log_every = 50
+  c.checkpoint_every = 200 if size == 'tiny' else 1000
+  c.max_checkpoints = 3
+
+  c.data = ml_collections.ConfigDict()
+  c.data.tfds_name = 'mm_shapes'
+  c.data.data_dir = ''  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.data.train_split = 'train'
+  c.data.eval_split = 'test'
+  c.data.text_key = 'caption'
+  c.data.image_key = 'image'
+  c.data.label_key = 'label'
+  c.data.image_size = 32
+  c.data.patch_size = 4
+  c.data.order = 'both'  # both | text_first | image_first
+  c.data.num_workers = 0
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 64
+  c.eval.num_examples = 1000  # from the eval split; 0 = all
+  return c

@@ -1,0 +1,19 @@
+"""Dense early-fusion decoder: the baseline every other family is compared with.
+
+Run (2 CPU cores, ~4 minutes; `make train` runs this):
+  python train.py --config=configs/dense.py:tiny --workdir=runs/dense_tiny
+  python eval.py --config=configs/dense.py:tiny --workdir=runs/dense_tiny
+Expect eval.json with text and image loss well below their unigram losses (see README).
+
+Args: a size from configs/common.py SIZES: tiny | small | base | 1b. Larger sizes are for
+GPUs/TPUs: they default to FSDP over all devices, bfloat16 compute and rematerialisation.
+"""
+
+from configs import common
+
+
+def get_config(arg: str = 'tiny'):
+  size, _ = common.parse_arg(arg)
+  c = common.base_config(size)
+  c.model.family = 'dense'
+  return c

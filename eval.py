@@ -1,0 +1,34 @@
+"""Evaluate the latest checkpoint in --workdir: writes WORKDIR/eval.json and loss-curve plots.
+
+  python eval.py --config=configs/dense.py:tiny --workdir=runs/dense_tiny
+"""
+
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. '
+                                          'configs/dense.py:tiny.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory holding checkpoints/.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from training import metrics
+  metrics.quiet_library_logs()
+  from training import evaluate
+  try:
+    report = evaluate.evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError) as e:
+    logging.error('%s', e)
+    print(f'eval.py: error: {e}', file=sys.stderr)
+    sys.exit(1)
+  print(json.dumps(report, indent=1))
+
+
+if __name__ == '__main__':
+  app.run(main)

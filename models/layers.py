@@ -1,0 +1,142 @@
+"""Building blocks of the decoder: parameters with logical axes, RMSNorm, RoPE, attention,
+SwiGLU, embeddings.
+
+Shape letters (used in docstrings and einsum strings across models/ and moe/):
+  B batch, T sequence, D model width, F FFN hidden width, H query heads, G key/value heads,
+  K head dim, V vocabulary, E experts, C expert capacity, M modalities, k top-k.
+
+Every parameter is created through `param(...)`, which records its logical axis names in
+the Variable's `out_sharding` metadata; training/sharding.py maps them onto the mesh.
+Parameters are stored in `param_dtype` and cast to `dtype` (the compute dtype) for matmuls;
+norms, softmax statistics and the loss stay in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from training.sharding import constrain
+
+Initializer = nnx.initializers.Initializer
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequence[str],
+          dtype) -> nnx.Param:
+  """A parameter with logical axis names (lazy: sharded later by the rules table)."""
+  assert len(shape) == len(axes), (shape, axes)
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes),
+                   eager_sharding=False)
+
+
+def fan_in_init(fan_in: int) -> Initializer:
+  """Truncated normal with std 1/sqrt(fan_in), for weights whose fan-in spans several axes."""
+  return nnx.initializers.truncated_normal(stddev=fan_in ** -0.5)
+
+
+class RMSNorm(nnx.Module):
+  """y = x / rms(x) * scale, computed in float32."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.eps = eps  # added to the mean square
+    self.scale = param(rngs, nnx.initializers.ones, (dim,), ('norm',), param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding (rotate-half form) on the last axis of [B, T, H, K]."""
+  half = x_BTHK.shape[-1] // 2
+  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions_BT[..., None].astype(jnp.float32) * freqs  # [B, T, K/2]
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTHK.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal multi-head attention (grouped-query when num_kv_heads < num_heads) with RoPE.
+
+  The score/softmax/value product is `jax.nn.dot_product_attention`, so XLA, cuDNN flash
+  attention on GPUs (`implementation='cudnn'`) or another backend kernel can be chosen.
+  """
+
+  def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int, head_dim: int,
+               rope_theta: float, implementation: str | None, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    self.num_heads = num_heads  # H
+    self.num_kv_heads = num_kv_heads  # G, divides H
+    self.rope_theta = rope_theta  # RoPE base period
+    self.implementation = implementation  # None/'xla'/'cudnn' for dot_product_attention
+    self.dtype = dtype  # compute dtype
+    init = fan_in_init(embed_dim)
+    self.wq = param(rngs, init, (embed_dim, num_heads, head_dim),
+                    ('embed', 'heads', 'head_dim'), param_dtype)
+    self.wk = param(rngs, init, (embed_dim, num_kv_heads, head_dim),
+                    ('embed', 'kv_heads', 'head_dim'), param_dtype)
+    self.wv = param(rngs, init, (embed_dim, num_kv_heads, head_dim),
+                    ('embed', 'kv_heads', 'head_dim'), param_dtype)
+    self.wo = param(rngs, fan_in_init(num_heads * head_dim), (num_heads, head_dim, embed_dim),
+                    ('heads', 'head_dim', 'embed'), param_dtype)
+
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
+    x = x_BTD.astype(self.dtype)
+    q = jnp.einsum('BTD,DHK->BTHK', x, self.wq[...].astype(self.dtype))
+    k = jnp.einsum('BTD,DGK->BTGK', x, self.wk[...].astype(self.dtype))
+    v = jnp.einsum('BTD,DGK->BTGK', x, self.wv[...].astype(self.dtype))
+    q = constrain(rope(q, positions_BT, self.rope_theta),
+                  ('batch', 'length', 'act_heads', None))
+    k = constrain(rope(k, positions_BT, self.rope_theta),
+                  ('batch', 'length', 'act_kv_heads', None))
+    v = constrain(v, ('batch', 'length', 'act_kv_heads', None))
+    o = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                     implementation=self.implementation)
+    o = constrain(o, ('batch', 'length', 'act_heads', None))
+    out = jnp.einsum('BTHK,HKD->BTD', o, self.wo[...].astype(self.dtype))
+    return constrain(out, ('batch', 'length', 'act_embed'))
+
+
+class SwiGLU(nnx.Module):
+  """FFN(x) = (silu(x W_gate) * x W_up) W_down."""
+
+  def __init__(self, *, embed_dim: int, mlp_dim: int, dtype, param_dtype, rngs: nnx.Rngs):
+    self.dtype = dtype  # compute dtype
+    self.w_gate = param(rngs, fan_in_init(embed_dim), (embed_dim, mlp_dim),
+                        ('embed', 'mlp'), param_dtype)
+    self.w_up = param(rngs, fan_in_init(embed_dim), (embed_dim, mlp_dim),
+                      ('embed', 'mlp'), param_dtype)
+    self.w_down = param(rngs, fan_in_init(mlp_dim), (mlp_dim, embed_dim),
+                        ('mlp', 'embed'), param_dtype)
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    x = x_BTD.astype(self.dtype)
+    gate = jnp.einsum('BTD,DF->BTF', x, self.w_gate[...].astype(self.dtype))
+    up = jnp.einsum('BTD,DF->BTF', x, self.w_up[...].astype(self.dtype))
+    h = constrain(jax.nn.silu(gate) * up, ('batch', 'length', 'act_mlp'))
+    out = jnp.einsum('BTF,FD->BTD', h, self.w_down[...].astype(self.dtype))
+    return constrain(out, ('batch', 'length', 'act_embed'))
+
+
+class Embed(nnx.Module):
+  """Token embedding table [V, D]."""
+
+  def __init__(self, *, vocab_size: int, embed_dim: int, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    self.dtype = dtype  # compute dtype of the looked-up rows
+    self.table = param(rngs, nnx.initializers.normal(1.0), (vocab_size, embed_dim),
+                       ('vocab', 'embed'), param_dtype)
+
+  def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+    # Gather the (fsdp/tensor-sharded) table before the lookup, as FSDP does for every
+    # weight: a row gather from a sharded table would otherwise be replicated by XLA.
+    table = constrain(self.table[...], (None, None))
+    x = jnp.take(table, tokens_BT, axis=0).astype(self.dtype)
+    return constrain(x, ('batch', 'length', 'act_embed'))

@@ -1,0 +1,112 @@
+"""The early-fusion decoder: one token sequence holding text and image tokens.
+
+    tokens [B, T] -> Embed -> L x Block -> RMSNorm -> LM head -> logits [B, T, V]
+
+A Block is pre-norm: `h = x + Attn(Norm(x))`, `y = h + FFN(Norm(h))`. Later model families
+(MoE, MoMa, MoT) swap the FFN or the whole block; `Decoder.__call__` returns
+`(logits, aux)` where `aux` holds auxiliary losses and metrics of every layer (empty here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models import layers
+from training.sharding import constrain
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def dtype_of(name: str):
+  if name not in DTYPES:
+    raise ValueError(f'unknown dtype {name!r}; choose one of {sorted(DTYPES)}')
+  return DTYPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderSpec:
+  """The decoder's hyper-parameters (built from `config.model` by `from_config`)."""
+  vocab_size: int  # V
+  num_layers: int  # L
+  embed_dim: int  # D
+  num_heads: int  # H
+  num_kv_heads: int  # G (grouped-query attention when G < H)
+  head_dim: int  # K
+  mlp_dim: int  # F
+  rope_theta: float = 10_000.0
+  attention_impl: str | None = None  # jax.nn.dot_product_attention implementation
+  remat: bool = False  # rematerialise each block in the backward pass
+  dtype: str = 'float32'  # compute dtype
+  param_dtype: str = 'float32'
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block with a SwiGLU FFN."""
+
+  def __init__(self, spec: DecoderSpec, *, rngs: nnx.Rngs):
+    dtype, pdtype = dtype_of(spec.dtype), dtype_of(spec.param_dtype)
+    self.attn_norm = layers.RMSNorm(spec.embed_dim, param_dtype=pdtype, rngs=rngs)
+    self.attn = layers.Attention(
+        embed_dim=spec.embed_dim, num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim, rope_theta=spec.rope_theta,
+        implementation=spec.attention_impl, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+    self.ffn_norm = layers.RMSNorm(spec.embed_dim, param_dtype=pdtype, rngs=rngs)
+    self.ffn = layers.SwiGLU(embed_dim=spec.embed_dim, mlp_dim=spec.mlp_dim, dtype=dtype,
+                             param_dtype=pdtype, rngs=rngs)
+
+  def __call__(self, x_BTD, positions_BT):
+    h = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT)
+    return h + self.ffn(self.ffn_norm(h)), {}
+
+
+class Decoder(nnx.Module):
+  """Dense early-fusion decoder; `__call__(batch) -> (logits [B, T, V] float32, aux)`."""
+
+  def __init__(self, spec: DecoderSpec, *, rngs: nnx.Rngs):
+    self.spec = spec
+    dtype, pdtype = dtype_of(spec.dtype), dtype_of(spec.param_dtype)
+    self.embed = layers.Embed(vocab_size=spec.vocab_size, embed_dim=spec.embed_dim,
+                              dtype=dtype, param_dtype=pdtype, rngs=rngs)
+    self.blocks = nnx.List([Block(spec, rngs=rngs) for _ in range(spec.num_layers)])
+    self.final_norm = layers.RMSNorm(spec.embed_dim, param_dtype=pdtype, rngs=rngs)
+    self.lm_head = layers.param(rngs, layers.fan_in_init(spec.embed_dim),
+                                (spec.embed_dim, spec.vocab_size), ('embed', 'vocab'), pdtype)
+
+  def __call__(self, batch: dict[str, jax.Array]):
+    tokens = batch['tokens']
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    x = self.embed(tokens)
+    aux = {}
+    for i, block in enumerate(self.blocks):
+      if self.spec.remat:
+        x, block_aux = nnx.remat(lambda b, x_, p_: b(x_, p_))(block, x, positions)
+      else:
+        x, block_aux = block(x, positions)
+      aux.update({f'layer_{i}/{k}': v for k, v in block_aux.items()})
+    x = self.final_norm(x)
+    dtype = dtype_of(self.spec.dtype)
+    logits = jnp.einsum('BTD,DV->BTV', x, self.lm_head[...].astype(dtype))
+    logits = constrain(logits.astype(jnp.float32), ('batch', 'length', 'act_vocab'))
+    return logits, aux
+
+
+def spec_from_config(model_cfg, *, param_dtype: str, compute_dtype: str) -> DecoderSpec:
+  return DecoderSpec(
+      vocab_size=model_cfg.vocab_size, num_layers=model_cfg.num_layers,
+      embed_dim=model_cfg.embed_dim, num_heads=model_cfg.num_heads,
+      num_kv_heads=model_cfg.num_kv_heads, head_dim=model_cfg.head_dim,
+      mlp_dim=model_cfg.mlp_dim, rope_theta=model_cfg.rope_theta,
+      attention_impl=model_cfg.attention_impl or None, remat=model_cfg.remat,
+      dtype=compute_dtype, param_dtype=param_dtype)
+
+
+def param_count(spec: DecoderSpec, *, embeddings: bool = True) -> int:
+  """Number of parameters, from the spec alone (no model built)."""
+  d, h, g, k, f = spec.embed_dim, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.mlp_dim
+  per_layer = d * (h + 2 * g) * k + h * k * d + 3 * d * f + 2 * d
+  total = spec.num_layers * per_layer + d + d * spec.vocab_size  # + final norm + LM head
+  return total + (spec.vocab_size * d if embeddings else 0)

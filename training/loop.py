@@ -1,0 +1,156 @@
+"""The training loop: config + workdir -> trained, checkpointed model and metrics.
+
+    validate config -> mesh -> abstract state + shardings -> restore latest checkpoint from
+    WORKDIR or init -> AOT-compile the step -> loop: batch -> step -> (log | check | save)
+
+Guard rails: every step's loss is checked for NaN/Inf (lazily, in batches at log and save
+points, so the host never stalls the device); the first bad step stops the run by name and
+nothing after the last good check is saved. SIGTERM checkpoints the step reached and
+returns normally (exit 0).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import signal
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from data import pipeline, tokenizer
+from training import checkpoint, flops, metrics, sharding, state as state_lib, step as step_lib
+from training.validate import validate
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+class _Preemption:
+  """Records SIGTERM; the loop checkpoints and returns at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      logging.warning('SIGTERM received: checkpointing at the next step boundary.')
+      self.requested = True
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. some test runners): no handler
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
+  """Fetch pending per-step metrics; raise at the first step whose loss is not finite."""
+  fetched = jax.device_get(pending)
+  for step, m in fetched:
+    if not math.isfinite(float(m['loss'])):
+      raise NonFiniteLossError(
+          f'loss is {float(m["loss"])} at step {step}: stopping. No checkpoint after the '
+          f'last finite check was written; lower the learning rate or inspect the data.')
+  return fetched
+
+
+def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
+  """Train `config` in `workdir`, resuming from its latest checkpoint.
+
+  `stop_at` ends this run early at that step (checkpointing it) without changing the
+  schedule, e.g. to test resumption. Returns the last logged scalars.
+  """
+  validate(config, jax.device_count())
+  if config.model.vocab_size < tokenizer.VOCAB_SIZE:
+    raise ValueError(f'config.model.vocab_size={config.model.vocab_size} is smaller than '
+                     f'the tokenizer vocabulary ({tokenizer.VOCAB_SIZE})')
+  mesh = sharding.make_mesh(config.mesh)
+  is_chief = jax.process_index() == 0
+  logging.info('mesh %s over %d devices (%d processes)', dict(mesh.shape),
+               jax.device_count(), jax.process_count())
+
+  layout = state_lib.state_layout(config, mesh)
+  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.max_checkpoints)
+  data_iter = pipeline.make_train_iterator(
+      config.data, seq_len=config.seq_len, global_batch_size=config.batch_size,
+      seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+  start = ckpt.latest_step()
+  if start is not None:
+    logging.info('resuming from %s/%d', ckpt.directory, start)
+    state, data_state = ckpt.restore(start, layout.abstract)
+    data_iter.set_state(data_state)
+    start = int(start)
+  else:
+    state, start = state_lib.init_state(config, layout), 0
+  n_params = state_lib.count_params(state['params'])
+  logging.info('model: %s, %.2fM parameters', config.model.family, n_params / 1e6)
+
+  names = tokenizer.MODALITIES
+  step_fn = functools.partial(step_lib.train_step, graphdef=layout.graphdef, tx=layout.tx,
+                              num_modalities=len(names))
+  batch_sh = sharding.batch_sharding(mesh)
+  jitted = jax.jit(step_fn, in_shardings=(layout.shardings, batch_sh),
+                   out_shardings=(layout.shardings, None), donate_argnums=0)
+
+  end = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
+  writer = metrics.MetricWriter(workdir, enabled=is_chief)
+  spec = state_lib.model_spec(config)
+  rates = metrics.Throughput(config.batch_size * config.seq_len,
+                             flops.train_flops_per_step(spec, config.seq_len,
+                                                        config.batch_size),
+                             config.total_steps)
+  pending: list[tuple[int, dict]] = []  # per-step device metrics not yet checked
+  interval: list[dict] = []  # host metrics since the last log row
+  last: dict = {}
+  compiled = None
+  step = start
+
+  def save(at: int) -> None:
+    ckpt.save(at, state, data_iter.get_state(), config.to_json())
+
+  try:
+    with jax.set_mesh(mesh), _Preemption() as preempt:
+      while step < end:
+        batch = sharding.shard_batch(next(data_iter), batch_sh)
+        if compiled is None:
+          t0 = time.perf_counter()
+          compiled = jitted.lower(state, batch).compile()
+          logging.info('compiled the train step in %.1fs', time.perf_counter() - t0)
+        state, step_metrics = compiled(state, batch)
+        step += 1
+        pending.append((step, step_metrics))
+        if step == start + 1:
+          rates.start(step)  # the first step's time includes dispatch warm-up
+        is_log = step % config.log_every == 0 or step == end
+        is_save = step % config.checkpoint_every == 0 or step == end or preempt.requested
+        if is_log or is_save:
+          interval += [m for _, m in check_finite(pending)]
+          pending = []
+        if is_log:
+          last = metrics.summarise(interval, names)
+          last['train/lr'] = float(state_lib.lr_schedule(config)(step - 1))
+          if step > start + 1:
+            last.update(rates.measure(step))
+          writer.write(step, last)
+          if is_chief:
+            metrics.log_console(metrics.console_line(step, config.total_steps, last, names))
+          interval = []
+        if is_save:
+          save(step)
+        if preempt.requested:
+          logging.warning('checkpointed step %d after SIGTERM; exiting.', step)
+          break
+  finally:
+    ckpt.close()
+    writer.close()
+  return last

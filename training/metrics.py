@@ -1,0 +1,134 @@
+"""Metric sinks: `WORKDIR/metrics.jsonl` (one JSON object per logged step), TensorBoard
+event files (tensorboardX) in `WORKDIR/tb/`, and a console line. Only process 0 writes.
+
+Also turns the per-step device metrics of a log interval into logged scalars.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as logging_std
+import math
+import os
+import time
+
+import numpy as np
+from absl import logging
+
+
+class MetricWriter:
+  """Appends rows to metrics.jsonl and TensorBoard; a no-op on processes other than 0."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._tb = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      from tensorboardX import SummaryWriter  # heavy import, only where used
+      self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    row = {'step': int(step), **{k: _jsonable(v) for k, v in scalars.items()}}
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(row) + '\n')
+    for k, v in scalars.items():
+      if isinstance(v, (int, float)) and math.isfinite(v):
+        self._tb.add_scalar(k, v, step)
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _jsonable(v):
+  v = float(v) if isinstance(v, (np.floating, np.integer)) else v
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)  # JSON has no NaN/Inf
+  return v
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def summarise(step_metrics: list[dict], modality_names) -> dict[str, float]:
+  """Host-side per-step metric dicts of one log interval -> logged scalars.
+
+  Token-weighted: per-modality loss = sum of token losses / number of tokens over the
+  interval; everything else is the mean over the interval's steps.
+  """
+  out = {}
+  loss_sum = sum(np.asarray(m['loss_sum']) for m in step_metrics)
+  correct = sum(np.asarray(m['correct']) for m in step_metrics)
+  count = sum(np.asarray(m['count']) for m in step_metrics)
+  out['train/loss'] = float(np.mean([m['loss'] for m in step_metrics]))
+  for i, name in enumerate(modality_names):
+    if count[i] > 0:
+      out[f'train/loss/{name}'] = float(loss_sum[i] / count[i])
+      out[f'train/accuracy/{name}'] = float(correct[i] / count[i])
+  skip = {'loss', 'loss_sum', 'correct', 'count'}
+  for key in step_metrics[-1]:
+    if key not in skip and np.ndim(step_metrics[-1][key]) == 0:
+      out[f'train/{key}'] = float(np.mean([m[key] for m in step_metrics]))
+  return out
+
+
+class Throughput:
+  """Wall-clock rates between log points (steps after compilation only)."""
+
+  def __init__(self, tokens_per_step: int, flops_per_step: float, total_steps: int):
+    self.tokens_per_step = tokens_per_step
+    self.flops_per_step = flops_per_step
+    self.total_steps = total_steps
+    self._t, self._step = None, None
+
+  def start(self, step: int) -> None:
+    self._t, self._step = time.perf_counter(), step
+
+  def measure(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    steps = step - self._step
+    dt = (now - self._t) / max(steps, 1)
+    self._t, self._step = now, step
+    return {'perf/step_time_s': dt,
+            'perf/tokens_per_s': self.tokens_per_step / dt,
+            'perf/model_flops_per_s': self.flops_per_step / dt,
+            'perf/eta_s': dt * (self.total_steps - step)}
+
+
+def console_line(step: int, total: int, scalars: dict[str, float], modality_names) -> str:
+  parts = [f'step {step}/{total}', f"loss {scalars['train/loss']:.4f}"]
+  parts += [f"{n} {scalars[f'train/loss/{n}']:.3f}" for n in modality_names
+            if f'train/loss/{n}' in scalars]
+  if 'perf/tokens_per_s' in scalars:
+    eta = scalars['perf/eta_s']
+    parts += [f"{scalars['perf/tokens_per_s']:,.0f} tok/s",
+              f"{scalars['perf/model_flops_per_s'] / 1e12:.3f} TFLOP/s",
+              f'ETA {int(eta // 60)}m{int(eta % 60):02d}s']
+  return ' | '.join(parts)
+
+
+def log_console(line: str) -> None:
+  logging.info('%s', line)
+
+
+class _LibraryInfoFilter(logging_std.Filter):
+  """Drops INFO chatter from libraries (Orbax logs ~40 lines per save); keeps warnings."""
+
+  NOISY = ('/orbax/', '/grain/', '/tensorflow_datasets/', '/array_record/')
+
+  def filter(self, record):
+    return (record.levelno >= logging_std.WARNING
+            or not any(s in record.pathname for s in self.NOISY))
+
+
+def quiet_library_logs() -> None:
+  logging.get_absl_handler().addFilter(_LibraryInfoFilter())

@@ -1,0 +1,127 @@
+"""The device mesh and the ONE table that maps logical axis names to mesh axes.
+
+Every parameter carries logical axis names (`('embed', 'mlp')`, ...) in its `out_sharding`
+metadata, and activations are constrained with `constrain(x, names)`. `RULES` below turns
+those names into mesh axes of the 4-axis mesh `('data', 'fsdp', 'expert', 'tensor')`.
+Changing the parallel layout is a config change (`mesh.*`), never a model change.
+
+Layout in words:
+  * the batch is split over data x fsdp x expert (attention treats `expert` as a batch axis,
+    so no device idles outside the MoE layers);
+  * parameters are split over `fsdp` on their model dimension (ZeRO-3 style: gathered per
+    layer by XLA) and over `tensor` on heads / FFN hidden / vocab (Megatron style);
+  * stacked experts are split over `expert`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import math
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
+BATCH_AXES = ('data', 'fsdp', 'expert')
+
+# logical name -> mesh axis (or tuple of mesh axes, or None = replicated).
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    # parameters
+    'vocab': 'tensor',
+    'embed': 'fsdp',
+    'mlp': 'tensor',
+    'heads': 'tensor',
+    'kv_heads': 'tensor',
+    'head_dim': None,
+    'norm': None,
+    'expert': 'expert',
+    'modality': None,
+    # activations
+    'batch': BATCH_AXES,
+    'length': None,
+    'act_embed': None,
+    'act_heads': 'tensor',
+    'act_kv_heads': 'tensor',
+    'act_mlp': 'tensor',
+    'act_vocab': 'tensor',
+}
+
+
+def logical_to_spec(names: Sequence[str | None]) -> P:
+  """Logical axis names -> PartitionSpec over MESH_AXES, through RULES."""
+  spec, used = [], set()
+  for name in names:
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in RULES:
+      raise KeyError(f'logical axis {name!r} has no rule in training/sharding.py RULES')
+    axes = RULES[name]
+    axes_t = (axes,) if isinstance(axes, str) else (axes or ())
+    clash = used.intersection(axes_t)
+    if clash:
+      raise ValueError(f'logical axes {tuple(names)} map mesh axis {clash} twice')
+    used.update(axes_t)
+    spec.append(axes)
+  return P(*spec)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint on logical names; a no-op outside a mesh context (unit tests)."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+
+
+def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
+  """`mesh.{data,fsdp,expert,tensor}` with at most one -1 (= all remaining) -> sizes."""
+  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  bad = [f'mesh.{a}={s}' for a, s in zip(MESH_AXES, sizes) if s == 0 or s < -1]
+  if bad:
+    raise ValueError(f'mesh sizes must be positive or -1 (all remaining): {", ".join(bad)}')
+  if sizes.count(-1) > 1:
+    raise ValueError('at most one of mesh.{data,fsdp,expert,tensor} may be -1, got '
+                     + ', '.join(f'{a}={s}' for a, s in zip(MESH_AXES, sizes)))
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f'mesh sizes {dict(zip(MESH_AXES, sizes))} do not divide the '
+                       f'{num_devices} devices')
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} multiplies to '
+                     f'{math.prod(sizes)} devices, but {num_devices} are available')
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = resolve_mesh_shape(mesh_cfg, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4,
+                       devices=devices)
+
+
+def batch_shards(mesh: jax.sharding.Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """Sharding of a [B, T] input array."""
+  return NamedSharding(mesh, logical_to_spec(('batch', 'length')))
+
+
+def shard_batch(batch, batch_sharding: NamedSharding) -> dict[str, jax.Array]:
+  """Process-local numpy arrays [B_local, ...] -> global arrays sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v)
+          for k, v in batch.items()}
+
+
+def tree_shardings(abstract_state, mesh: jax.sharding.Mesh):
+  """NamedShardings for an nnx.State whose Variables carry logical `out_sharding` names."""
+  from flax import nnx  # local: keep this module importable without flax
+
+  def one(v):
+    names = getattr(v, 'out_sharding', None) or (None,) * v.value.ndim
+    return v.replace(NamedSharding(mesh, logical_to_spec(names)))
+
+  return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))

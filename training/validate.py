@@ -1,0 +1,81 @@
+"""Config checks that run before anything is built or compiled.
+
+Each problem raises one `ValueError` whose message names the config key(s) at fault, so a
+typo in an override fails in a second, not after a long compile. (Unknown keys are already
+refused by `config_flags.DEFINE_config_file(lock_config=True)`.)
+"""
+
+from __future__ import annotations
+
+import math
+
+from training import sharding
+
+POSITIVE_INTS = ('total_steps', 'batch_size', 'seq_len', 'log_every', 'checkpoint_every',
+                 'max_checkpoints', 'model.num_layers', 'model.embed_dim', 'model.num_heads',
+                 'model.num_kv_heads', 'model.head_dim', 'model.mlp_dim', 'model.vocab_size',
+                 'eval.batch_size')
+DTYPES = ('float32', 'bfloat16', 'float16')
+FAMILIES = ('dense',)
+
+
+def _get(config, dotted: str):
+  node = config
+  for part in dotted.split('.'):
+    node = node[part]
+  return node
+
+
+def validate(config, num_devices: int) -> tuple[int, ...]:
+  """Raise ValueError on the first problem; return the resolved mesh shape."""
+  for key in POSITIVE_INTS:
+    value = _get(config, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      raise ValueError(f'config.{key} must be a positive integer, got {value!r}')
+  if config.warmup_steps < 0 or config.warmup_steps >= config.total_steps:
+    raise ValueError(f'config.warmup_steps={config.warmup_steps} must be in '
+                     f'[0, total_steps={config.total_steps})')
+  if not config.learning_rate > 0 or not math.isfinite(config.learning_rate):
+    raise ValueError(f'config.learning_rate must be positive, got {config.learning_rate}')
+  if not 0 <= config.end_lr_factor <= 1:
+    raise ValueError(f'config.end_lr_factor must be in [0, 1], got {config.end_lr_factor}')
+  if config.grad_clip <= 0 or config.weight_decay < 0:
+    raise ValueError(f'config.grad_clip must be > 0 and config.weight_decay >= 0, got '
+                     f'{config.grad_clip} and {config.weight_decay}')
+  for key in ('param_dtype', 'compute_dtype'):
+    if config[key] not in DTYPES:
+      raise ValueError(f'config.{key}={config[key]!r} is not one of {DTYPES}')
+  m = config.model
+  if m.family not in FAMILIES:
+    raise ValueError(f'config.model.family={m.family!r} is not one of {FAMILIES}')
+  if m.num_heads * m.head_dim != m.embed_dim:
+    raise ValueError(f'model.num_heads={m.num_heads} x model.head_dim={m.head_dim} must '
+                     f'equal model.embed_dim={m.embed_dim}')
+  if m.head_dim % 2:
+    raise ValueError(f'model.head_dim={m.head_dim} must be even for RoPE')
+  if m.num_heads % m.num_kv_heads:
+    raise ValueError(f'model.num_kv_heads={m.num_kv_heads} must divide '
+                     f'model.num_heads={m.num_heads}')
+  if m.attention_impl not in ('', 'xla', 'cudnn'):
+    raise ValueError(f"model.attention_impl={m.attention_impl!r} is not one of '', 'xla', "
+                     f"'cudnn'")
+
+  shape = sharding.resolve_mesh_shape(config.mesh, num_devices)
+  sizes = dict(zip(sharding.MESH_AXES, shape))
+  batch_shards = sizes['data'] * sizes['fsdp'] * sizes['expert']
+  if config.batch_size % batch_shards:
+    raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the '
+                     f'{batch_shards} batch shards (mesh.data x mesh.fsdp x mesh.expert = '
+                     f"{sizes['data']} x {sizes['fsdp']} x {sizes['expert']})")
+  if config.eval.batch_size % batch_shards:
+    raise ValueError(f'config.eval.batch_size={config.eval.batch_size} is not divisible by '
+                     f'the {batch_shards} batch shards')
+  t = sizes['tensor']
+  for key, value in (('model.num_heads', m.num_heads), ('model.num_kv_heads', m.num_kv_heads),
+                     ('model.mlp_dim', m.mlp_dim), ('model.vocab_size', m.vocab_size)):
+    if value % t:
+      raise ValueError(f'config.{key}={value} is not divisible by mesh.tensor={t}')
+  if m.embed_dim % sizes['fsdp']:
+    raise ValueError(f"model.embed_dim={m.embed_dim} is not divisible by "
+                     f"mesh.fsdp={sizes['fsdp']}")
+  return shape
