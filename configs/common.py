@@ -15,7 +15,7 @@ import ml_collections
 # (`--config.data.tfds_name=...`) on GPUs/TPUs.
 SIZES = {
     'tiny':  dict(num_layers=4, embed_dim=128, num_heads=4, num_kv_heads=4, mlp_dim=512,
-                  batch_size=32, seq_len=128, total_steps=600, learning_rate=3e-3),
+                  batch_size=32, seq_len=128, total_steps=300, learning_rate=3e-3),
     'small': dict(num_layers=8, embed_dim=512, num_heads=8, num_kv_heads=8, mlp_dim=2048,
                   batch_size=256, seq_len=128, total_steps=20_000, learning_rate=1e-3),
     'base':  dict(num_layers=24, embed_dim=1024, num_heads=16, num_kv_heads=16, mlp_dim=4096,
@@ -93,8 +93,8 @@ def base_config(size: str) -> ml_collections.ConfigDict:
   c.mesh.expert = 1
   c.mesh.tensor = 1
 
-  c.log_every = 50
-  c.checkpoint_every = 200 if size == 'tiny' else 1000
+  c.log_every = 25 if size == 'tiny' else 100
+  c.checkpoint_every = 100 if size == 'tiny' else 1000
   c.max_checkpoints = 3
 
   c.data = ml_collections.ConfigDict()

@@ -131,8 +131,9 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
         pending.append((step, step_metrics))
         if step == start + 1:
           rates.start(step)  # the first step's time includes dispatch warm-up
+        preempted = preempt.requested  # read once: the signal may land mid-iteration
         is_log = step % config.log_every == 0 or step == end
-        is_save = step % config.checkpoint_every == 0 or step == end or preempt.requested
+        is_save = step % config.checkpoint_every == 0 or step == end or preempted
         if is_log or is_save:
           interval += [m for _, m in check_finite(pending)]
           pending = []
@@ -147,7 +148,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
           interval = []
         if is_save:
           save(step)
-        if preempt.requested:
+        if preempted:
           logging.warning('checkpointed step %d after SIGTERM; exiting.', step)
           break
   finally:

@@ -42,7 +42,7 @@ def loss_fn(params, graphdef, batch, num_modalities: int):
 
 
 def _global_norm(tree) -> jax.Array:
-  return optax.global_norm(jax.tree.leaves(tree))
+  return optax.tree.norm(tree)
 
 
 def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation,
