@@ -1,0 +1,290 @@
+"""Grain input pipelines over any TFDS dataset prepared as array_record.
+
+Every record becomes one early-fusion sequence (see `tokenizer`): its text
+(`data.text_key`, or the class name of `data.label_key` when there is no text)
+and/or its image (`data.image_key`), in the order given by `data.order`, cut or
+padded to seq_len + 1 tokens and shifted into (tokens, targets).
+
+Train: records [process_index::process_count] -> global shuffle, reshuffled
+each epoch -> repeat forever -> encode -> batch. Everything is a function of
+(seed, position in the stream), so `get_state()` is just that position and a
+restored iterator yields exactly the batches the uninterrupted one would.
+
+Eval: the first num_examples records (all by default) in order, the same
+per-process slicing, order chosen by record index parity for 'both'; the last
+batch is filled with all-PAD rows (loss_mask 0) and every process yields the
+same number of batches.
+"""
+
+import math
+import os
+import re
+from typing import Any, Optional
+
+import grain
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from data import shapes
+from data import tokenizer as tok
+
+ORDERS = ('both', 'text_first', 'image_first')
+REQUIRED_KEYS = ('tfds_name', 'data_dir', 'train_split', 'eval_split',
+                 'text_key', 'image_key', 'label_key', 'image_size',
+                 'patch_size', 'order', 'num_workers')
+_READ_THREADS = 2  # threads decoding records when num_workers == 0 (2 cores)
+
+
+# ---------------------------------------------------------------------------
+# Config validation and data sources.
+
+
+def resolve_data_dir(data_dir: str) -> str:
+  """'' -> $TFDS_DATA_DIR or ~/tensorflow_datasets (never inside the repo)."""
+  data_dir = (data_dir or os.environ.get('TFDS_DATA_DIR')
+              or '~/tensorflow_datasets')
+  return os.path.abspath(os.path.expanduser(data_dir))
+
+
+def _split_names(split: str) -> list[str]:
+  """'train[:90%]+test' -> ['train', 'test']."""
+  return [re.sub(r'\[.*\]$', '', s.strip()) for s in split.split('+')]
+
+
+def _check_config(cfg) -> None:
+  missing = [k for k in REQUIRED_KEYS if k not in cfg]
+  if missing:
+    raise ValueError(f'data config is missing keys {missing}')
+  if not cfg.text_key and not cfg.image_key:
+    raise ValueError('data config needs data.text_key or data.image_key '
+                     '(both are empty)')
+  size, patch = cfg.image_size, cfg.patch_size
+  if not (isinstance(size, int) and isinstance(patch, int) and size > 0
+          and patch > 0 and size % patch == 0):
+    raise ValueError(f'data.image_size={size} must be a positive multiple of '
+                     f'data.patch_size={patch}')
+  if cfg.order not in ORDERS:
+    raise ValueError(f'data.order={cfg.order!r} is not one of {ORDERS}')
+  if not isinstance(cfg.num_workers, int) or cfg.num_workers < 0:
+    raise ValueError(f'data.num_workers={cfg.num_workers} must be an int >= 0')
+
+
+def _is_text(f) -> bool:
+  return isinstance(f, tfds.features.Text) or (
+      type(f) is tfds.features.Tensor and not f.shape
+      and f.np_dtype in (np.object_, np.str_, np.bytes_))
+
+
+def _is_image(f) -> bool:
+  return isinstance(f, tfds.features.Image) or (
+      type(f) is tfds.features.Tensor and len(f.shape) in (2, 3)
+      and f.np_dtype == np.uint8)
+
+
+def _check_features(cfg, features) -> Optional[list[str]]:
+  """Checks the keys against the dataset; returns label names or None."""
+  name = cfg.tfds_name
+  for role, key, ok, want in (
+      ('text_key', cfg.text_key, _is_text, 'text (tfds Text)'),
+      ('image_key', cfg.image_key, _is_image,
+       'image (tfds Image, or a uint8 Tensor of rank 2 or 3)')):
+    if not key:
+      continue
+    if key not in features:
+      raise ValueError(f'data.{role}={key!r} is not a feature of {name!r}; '
+                       f'features: {sorted(features.keys())}')
+    if not ok(features[key]):
+      raise ValueError(f'data.{role}={key!r} of {name!r} is a '
+                       f'{type(features[key]).__name__}, not an {want}')
+  if cfg.text_key or not cfg.label_key:
+    return None
+  label = features[cfg.label_key] if cfg.label_key in features else None
+  if not isinstance(label, tfds.features.ClassLabel):
+    raise ValueError(f'data.label_key={cfg.label_key!r} is not a ClassLabel '
+                     f'feature of {name!r} (needed as caption since '
+                     "data.text_key=''); set data.label_key='' to drop it")
+  return list(label.names)
+
+
+def _builder(cfg, data_dir: str) -> tfds.core.DatasetBuilder:
+  if cfg.tfds_name == shapes.MmShapes.name:
+    return shapes.MmShapes(data_dir=data_dir)
+  try:
+    return tfds.builder(cfg.tfds_name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(f'data.tfds_name={cfg.tfds_name!r}: unknown TFDS dataset '
+                     f'(not registered, nothing under {data_dir})') from None
+
+
+def _data_source(cfg, split_key: str) -> tuple[Any, Optional[list[str]]]:
+  """Validates cfg; returns (source of cfg[split_key], label names)."""
+  _check_config(cfg)
+  split = cfg[split_key]
+  data_dir = resolve_data_dir(cfg.data_dir)
+  builder = _builder(cfg, data_dir)
+  label_names = _check_features(cfg, builder.info.features)
+  is_shapes = cfg.tfds_name == shapes.MmShapes.name
+  known = list(shapes.SPLITS) if is_shapes else list(builder.info.splits)
+  # Unprepared (or mocked) datasets do not know their splits yet.
+  for s in _split_names(split) if known else []:
+    if s not in known:
+      raise ValueError(f'split {split!r} of {cfg.tfds_name!r}: no split {s!r}; '
+                       f'splits: {known}')
+  if is_shapes:
+    builder = shapes.prepare(data_dir)
+  try:
+    return builder.as_data_source(split), label_names
+  except Exception as e:  # pylint: disable=broad-except
+    if builder.is_prepared():
+      raise ValueError(f'cannot read {cfg.tfds_name!r} split {split!r} under '
+                       f'{data_dir} with random access: {e}') from e
+    raise ValueError(
+        f'dataset {cfg.tfds_name!r} is not prepared under data_dir={data_dir}; '
+        f'prepare it with tfds.builder({cfg.tfds_name!r}, data_dir=...)'
+        ".download_and_prepare(file_format='array_record')") from e
+
+
+# ---------------------------------------------------------------------------
+# Record -> example.
+
+
+def _text_bytes(value, max_len: int) -> bytes:
+  if isinstance(value, np.ndarray):
+    value = value.item()
+  if isinstance(value, str):
+    value = value.encode('utf-8')
+  return bytes(value[:max_len])
+
+
+class _Encoder:
+  """A record -> a to_example() dict for a fixed config and seq_len."""
+
+  def __init__(self, cfg, seq_len: int, label_names: Optional[list[str]]):
+    self.text_key, self.image_key = cfg.text_key, cfg.image_key
+    self.label_key, self.label_names = cfg.label_key, label_names
+    self.image_size, self.patch_size = cfg.image_size, cfg.patch_size
+    self.order, self.seq_len = cfg.order, seq_len
+
+  def image_first(self, coin: bool) -> bool:
+    return coin if self.order == 'both' else self.order == 'image_first'
+
+  def __call__(self, record, image_first: bool) -> dict[str, np.ndarray]:
+    text = image = None
+    if self.text_key:
+      text = tok.encode_bytes(_text_bytes(record[self.text_key], self.seq_len))
+    elif self.label_names is not None:
+      text = tok.encode_text(self.label_names[int(record[self.label_key])])
+    if self.image_key:
+      image = tok.encode_image(record[self.image_key], self.image_size,
+                               self.patch_size)
+    return tok.to_example(tok.build_sequence(text, image, image_first),
+                          self.seq_len)
+
+
+class _TrainMap(grain.transforms.RandomMap):
+  """Encodes with a per-(seed, stream position) coin for order='both'."""
+
+  def __init__(self, encoder: _Encoder):
+    self.encoder = encoder
+
+  def random_map(self, record, rng: np.random.Generator):
+    return self.encoder(record, self.encoder.image_first(rng.random() < 0.5))
+
+
+class _EvalMap(grain.transforms.Map):
+  """(record index, record or None) -> example, or an all-PAD row."""
+
+  def __init__(self, encoder: _Encoder):
+    self.encoder = encoder
+
+  def map(self, element):
+    index, record = element
+    if record is None:
+      return tok.pad_example(self.encoder.seq_len)
+    return self.encoder(record, self.encoder.image_first(index % 2 == 1))
+
+
+class _PaddedSlice:
+  """Records start, start+step, ... below stop, then None up to `length`."""
+
+  def __init__(self, source, start: int, step: int, stop: int, length: int):
+    self.source, self.start, self.step = source, start, step
+    self.stop, self.length = stop, length
+
+  def __len__(self) -> int:
+    return self.length
+
+  def __getitem__(self, k: int):
+    index = self.start + k * self.step
+    return index, (self.source[index] if index < self.stop else None)
+
+
+def _check_process(global_batch_size, process_index, process_count):
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'{process_index=} not in [0, {process_count=})')
+  if global_batch_size % process_count:
+    raise ValueError(f'batch size {global_batch_size} is not divisible by '
+                     f'{process_count=}')
+
+
+def _finish(ds: grain.MapDataset, batch_size: int, num_workers: int):
+  # Batching the MapDataset makes batch k the same whatever num_workers is:
+  # worker processes (or read threads) each build whole batches, round robin.
+  ds = ds.batch(batch_size, drop_remainder=True)
+  read = grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=4)
+  it = ds.to_iter_dataset(read)
+  if num_workers:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return it
+
+
+# ---------------------------------------------------------------------------
+# Public API.
+
+
+def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, seq_len: int,
+                        global_batch_size: int, seed: int,
+                        process_index: int = 0, process_count: int = 1):
+  """Infinite, resumable iterator of this process's training batches.
+
+  Yields dicts of numpy arrays tokens, targets, modality, target_modality
+  (int32) and loss_mask (float32), each [global_batch_size // process_count,
+  seq_len]. The iterator has get_state() / set_state(state); the state is a
+  small JSON-serialisable dict. Batches do not depend on data.num_workers,
+  but the state's format does: restore with the same num_workers.
+  """
+  _check_process(global_batch_size, process_index, process_count)
+  source, label_names = _data_source(data_cfg, 'train_split')
+  ds = grain.MapDataset.source(source).seed(seed)
+  ds = ds[process_index::process_count]
+  if not len(ds):
+    raise ValueError(f'split {data_cfg.train_split!r} has no records for '
+                     f'process {process_index} of {process_count}')
+  ds = ds.shuffle().repeat(None)
+  ds = ds.random_map(_TrainMap(_Encoder(data_cfg, seq_len, label_names)))
+  batch = global_batch_size // process_count
+  return iter(_finish(ds, batch, data_cfg.num_workers))
+
+
+def make_eval_iterator(data_cfg: ml_collections.ConfigDict, *, seq_len: int,
+                       batch_size: int, num_examples: Optional[int] = None,
+                       process_index: int = 0, process_count: int = 1):
+  """Finite, re-iterable batches over the eval split in a fixed order.
+
+  batch_size is global, like make_train_iterator's: each process yields
+  [batch_size // process_count, seq_len] batches. Covers the first
+  num_examples records (all if None), record i on process i % process_count.
+  Rows past the end are all PAD with loss_mask 0, and all processes yield the
+  same number of batches.
+  """
+  _check_process(batch_size, process_index, process_count)
+  source, label_names = _data_source(data_cfg, 'eval_split')
+  n = len(source) if num_examples is None else min(num_examples, len(source))
+  local_batch = batch_size // process_count
+  num_batches = math.ceil(math.ceil(n / process_count) / local_batch)
+  padded = _PaddedSlice(source, process_index, process_count, n,
+                        num_batches * local_batch)
+  ds = grain.MapDataset.source(padded)
+  ds = ds.map(_EvalMap(_Encoder(data_cfg, seq_len, label_names)))
+  return _finish(ds, local_batch, data_cfg.num_workers)
