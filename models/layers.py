@@ -51,12 +51,17 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding (rotate-half form) on the last axis of [B, T, H, K]."""
-  half = x_BTHK.shape[-1] // 2
+def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float):
+  """sin and cos of the RoPE angles, [B, T, 1, K/2] each: computed once per forward pass."""
+  half = head_dim // 2
   freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angles = positions_BT[..., None].astype(jnp.float32) * freqs  # [B, T, K/2]
-  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  return jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+
+
+def apply_rope(x_BTHK: jax.Array, sin_cos) -> jax.Array:
+  """Rotary position embedding (rotate-half form) on the last axis of [B, T, H, K]."""
+  sin, cos = sin_cos
   x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BTHK.dtype)
@@ -70,11 +75,9 @@ class Attention(nnx.Module):
   """
 
   def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int, head_dim: int,
-               rope_theta: float, implementation: str | None, dtype, param_dtype,
-               rngs: nnx.Rngs):
+               implementation: str | None, dtype, param_dtype, rngs: nnx.Rngs):
     self.num_heads = num_heads  # H
     self.num_kv_heads = num_kv_heads  # G, divides H
-    self.rope_theta = rope_theta  # RoPE base period
     self.implementation = implementation  # None/'xla'/'cudnn' for dot_product_attention
     self.dtype = dtype  # compute dtype
     init = fan_in_init(embed_dim)
@@ -87,14 +90,15 @@ class Attention(nnx.Module):
     self.wo = param(rngs, fan_in_init(num_heads * head_dim), (num_heads, head_dim, embed_dim),
                     ('heads', 'head_dim', 'embed'), param_dtype)
 
-  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
+  def __call__(self, x_BTD: jax.Array, rope_sin_cos) -> jax.Array:
+    """`rope_sin_cos` from `rope_tables` (shared by all layers)."""
     x = x_BTD.astype(self.dtype)
     q = jnp.einsum('BTD,DHK->BTHK', x, self.wq[...].astype(self.dtype))
     k = jnp.einsum('BTD,DGK->BTGK', x, self.wk[...].astype(self.dtype))
     v = jnp.einsum('BTD,DGK->BTGK', x, self.wv[...].astype(self.dtype))
-    q = constrain(rope(q, positions_BT, self.rope_theta),
+    q = constrain(apply_rope(q, rope_sin_cos),
                   ('batch', 'length', 'act_heads', None))
-    k = constrain(rope(k, positions_BT, self.rope_theta),
+    k = constrain(apply_rope(k, rope_sin_cos),
                   ('batch', 'length', 'act_kv_heads', None))
     v = constrain(v, ('batch', 'length', 'act_kv_heads', None))
     o = jax.nn.dot_product_attention(q, k, v, is_causal=True,

@@ -52,14 +52,13 @@ class Block(nnx.Module):
     self.attn_norm = layers.RMSNorm(spec.embed_dim, param_dtype=pdtype, rngs=rngs)
     self.attn = layers.Attention(
         embed_dim=spec.embed_dim, num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
-        head_dim=spec.head_dim, rope_theta=spec.rope_theta,
-        implementation=spec.attention_impl, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        head_dim=spec.head_dim, implementation=spec.attention_impl, dtype=dtype, param_dtype=pdtype, rngs=rngs)
     self.ffn_norm = layers.RMSNorm(spec.embed_dim, param_dtype=pdtype, rngs=rngs)
     self.ffn = layers.SwiGLU(embed_dim=spec.embed_dim, mlp_dim=spec.mlp_dim, dtype=dtype,
                              param_dtype=pdtype, rngs=rngs)
 
-  def __call__(self, x_BTD, positions_BT):
-    h = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT)
+  def __call__(self, x_BTD, rope_sin_cos):
+    h = x_BTD + self.attn(self.attn_norm(x_BTD), rope_sin_cos)
     return h + self.ffn(self.ffn_norm(h)), {}
 
 
@@ -79,13 +78,14 @@ class Decoder(nnx.Module):
   def __call__(self, batch: dict[str, jax.Array]):
     tokens = batch['tokens']
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    sin_cos = layers.rope_tables(positions, self.spec.head_dim, self.spec.rope_theta)
     x = self.embed(tokens)
     aux = {}
     for i, block in enumerate(self.blocks):
       if self.spec.remat:
-        x, block_aux = nnx.remat(lambda b, x_, p_: b(x_, p_))(block, x, positions)
+        x, block_aux = nnx.remat(lambda b, x_, r_: b(x_, r_))(block, x, sin_cos)
       else:
-        x, block_aux = block(x, positions)
+        x, block_aux = block(x, sin_cos)
       aux.update({f'layer_{i}/{k}': v for k, v in block_aux.items()})
     x = self.final_norm(x)
     dtype = dtype_of(self.spec.dtype)

@@ -22,11 +22,11 @@ def _np_rope(x, pos, theta):
 
 def test_attention_matches_numpy_reference():
   attn = layers.Attention(embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8,
-                          rope_theta=10_000.0, implementation=None, dtype=jnp.float32,
+                          implementation=None, dtype=jnp.float32,
                           param_dtype=jnp.float32, rngs=nnx.Rngs(0))
   x = np.random.default_rng(0).normal(size=(2, 7, 32)).astype(np.float32)
   pos = np.broadcast_to(np.arange(7), (2, 7))
-  got = np.asarray(attn(jnp.asarray(x), jnp.asarray(pos)))
+  got = np.asarray(attn(jnp.asarray(x), layers.rope_tables(jnp.asarray(pos), 8, 10_000.0)))
 
   wq, wk, wv, wo = (np.asarray(w[...], np.float64) for w in (attn.wq, attn.wk, attn.wv, attn.wo))
   q = _np_rope(np.einsum('btd,dhk->bthk', x, wq), pos, 10_000.0)
@@ -61,8 +61,8 @@ def test_rope_scores_depend_only_on_relative_position():
   rng = np.random.default_rng(2)
   q, k = rng.normal(size=(1, 1, 1, 8)), rng.normal(size=(1, 1, 1, 8))
   score = lambda i, j: float(np.sum(
-      np.asarray(layers.rope(jnp.asarray(q), jnp.full((1, 1), i), 100.0)) *
-      np.asarray(layers.rope(jnp.asarray(k), jnp.full((1, 1), j), 100.0))))
+      np.asarray(layers.apply_rope(jnp.asarray(q), layers.rope_tables(jnp.full((1, 1), i), 8, 100.0))) *
+      np.asarray(layers.apply_rope(jnp.asarray(k), layers.rope_tables(jnp.full((1, 1), j), 8, 100.0)))))
   assert abs(score(5, 2) - score(13, 10)) < 1e-4
   assert abs(score(5, 2) - score(5, 3)) > 1e-3
 

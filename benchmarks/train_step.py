@@ -1,0 +1,206 @@
+"""Steady-state train-step time and model FLOP/s of the dense configs, set against a plain
+matmul measured on the same device in the same run (a "fraction of matmul peak" MFU).
+
+  python benchmarks/train_step.py                      # 2-core CPU defaults: ~2 minutes
+  python benchmarks/train_step.py --batch_sizes= --json=bench.json   # config batch sizes
+
+Per size in --sizes: build the train state exactly as training/loop.py does (sharded init on
+the default mesh, the same jit with shardings and donation), AOT-compile the step, warm up,
+then time --repeats repeats of n chained steps (n chosen so a repeat lasts about
+--repeat_seconds) and report the median seconds per step. Model FLOPs per step come from
+training/flops.py (6 x matmul params + attention; remat not counted). The reference is a
+chain `x <- x @ w` of N x N matrices (w orthogonal, so values stay finite) with float32 or
+bf16 inputs and float32 accumulation. The matmul at the config's compute dtype is timed in
+repeats alternating with the train step's, and the ratio is the median of the per-pair
+ratios, so a change in machine load hits both sides alike. Absolute times vary between
+machines and runs: compare the ratios. Results and their reading: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import dense  # noqa: E402
+from data import tokenizer  # noqa: E402
+from models.transformer import dtype_of  # noqa: E402
+from tests.helpers import random_batch  # noqa: E402
+from training import flops, metrics, sharding  # noqa: E402
+from training import state as state_lib, step as step_lib  # noqa: E402
+from training.validate import validate  # noqa: E402
+
+_SIZES = flags.DEFINE_list('sizes', ['tiny', 'small'], 'Sizes of configs/dense.py to time.')
+_BATCH = flags.DEFINE_list('batch_sizes', ['small=8'],
+                           'size=B overrides of the global batch; unnamed sizes keep the '
+                           'config value (empty: all config values).')
+_SEQ = flags.DEFINE_list('seq_lens', [], 'size=T overrides of the sequence length.')
+_DTYPE = flags.DEFINE_enum('compute_dtype', '', ['', 'float32', 'bfloat16'],
+                           'Override every config\'s compute dtype ("": keep the config\'s).')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed calls after compilation.')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats; the median is reported.')
+_REPEAT_S = flags.DEFINE_float('repeat_seconds', 1.0,
+                               'Target length of one repeat (at least one call).')
+_MATMUL_N = flags.DEFINE_integer('matmul_size', 2048, 'N of the N x N @ N x N matmul.')
+_MATMUL_DTYPES = flags.DEFINE_list('matmul_dtypes', ['float32', 'bfloat16'],
+                                   'Input dtypes of the matmul (accumulation is float32); '
+                                   'each config\'s compute dtype is added if missing.')
+_JSON = flags.DEFINE_string('json', '', 'Also write the results to this JSON file.')
+
+
+def _overrides(pairs: list[str], flag: str) -> dict[str, int]:
+  out = {}
+  for pair in pairs:
+    size, eq, value = pair.partition('=')
+    if not eq or not value.isdigit():
+      raise app.UsageError(f'--{flag} entries are size=int, got {pair!r}')
+    out[size] = int(value)
+  return out
+
+
+class Timer:
+  """Times chained calls `carry = step(carry)`; calls wait on each other through `carry`,
+  so async dispatch cannot overlap them."""
+
+  def __init__(self, step, carry):
+    self.step, self.carry, self.calls = step, carry, 1
+
+  def warm_up(self, warmup: int, repeat_seconds: float) -> None:
+    """Untimed calls; then pick the calls per repeat so one lasts about repeat_seconds."""
+    one = []
+    for _ in range(max(1, warmup)):
+      t0 = time.perf_counter()
+      self.carry = jax.block_until_ready(self.step(self.carry))
+      one.append(time.perf_counter() - t0)
+    self.calls = max(1, round(repeat_seconds / min(one)))
+
+  def repeat(self) -> float:
+    """Seconds per call, averaged over one repeat of `self.calls` calls."""
+    t0 = time.perf_counter()
+    for _ in range(self.calls):
+      self.carry = self.step(self.carry)
+    jax.block_until_ready(self.carry)
+    return (time.perf_counter() - t0) / self.calls
+
+
+def matmul_timer(n: int, dtype_name: str) -> Timer:
+  """The chain x <- x @ w of N x N matrices (w orthogonal: values stay finite), with
+  `dtype_name` inputs and float32 accumulation, AOT-compiled on the default device."""
+  dtype = dtype_of(dtype_name)
+  kx, kw = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(kx, (n, n), jnp.float32).astype(dtype)
+  w = jnp.linalg.qr(jax.random.normal(kw, (n, n), jnp.float32))[0].astype(dtype)
+  mm = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(dtype))
+  mm = mm.lower(x, w).compile()
+  return Timer(lambda x: mm(x, w), x)
+
+
+def bench_size(size: str, batch_size: int | None, seq_len: int | None, matmuls: dict) -> dict:
+  """Compile and time the dense train step of `size` as training/loop.py runs it, with the
+  matmul at its compute dtype timed in alternate repeats (load changes hit both alike)."""
+  config = dense.get_config(size)
+  config.batch_size = batch_size or config.batch_size
+  config.seq_len = seq_len or config.seq_len
+  config.compute_dtype = _DTYPE.value or config.compute_dtype
+  validate(config, jax.device_count())
+  mesh = sharding.make_mesh(config.mesh)
+  layout = state_lib.state_layout(config, mesh)
+  state = state_lib.init_state(config, layout)
+  n_params = state_lib.count_params(state['params'])
+  batch_sh = sharding.batch_sharding(mesh)
+  local = config.batch_size // jax.process_count()
+  batch = sharding.shard_batch(random_batch(local, config.seq_len, seed=0), batch_sh)
+  step_fn = functools.partial(step_lib.train_step, graphdef=layout.graphdef, tx=layout.tx,
+                              num_modalities=len(tokenizer.MODALITIES))
+  n_mm = _MATMUL_N.value
+  if config.compute_dtype not in matmuls:
+    matmuls[config.compute_dtype] = {'timer': matmul_timer(n_mm, config.compute_dtype)}
+  mm = matmuls[config.compute_dtype]
+  with jax.set_mesh(mesh):
+    jitted = jax.jit(step_fn, in_shardings=(layout.shardings, batch_sh),
+                     out_shardings=(layout.shardings, None), donate_argnums=0)
+    t0 = time.perf_counter()
+    compiled = jitted.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    train = Timer(lambda s: compiled(s, batch)[0], state)
+    for timer in (train, mm['timer']):
+      timer.warm_up(_WARMUP.value, _REPEAT_S.value)
+    pairs = [(train.repeat(), mm['timer'].repeat()) for _ in range(_REPEATS.value)]
+  mm.setdefault('seconds', []).extend(s for _, s in pairs)
+  tokens = config.batch_size * config.seq_len
+  model_flops = flops.train_flops_per_step(state_lib.model_spec(config), config.seq_len,
+                                           config.batch_size)
+  mm_flops = 2.0 * n_mm ** 3 * jax.device_count()  # the step runs on every device
+  sec = statistics.median(t for t, _ in pairs)
+  return {'config': f'dense {size}', 'compute_dtype': config.compute_dtype,
+          'params': n_params, 'batch_size': config.batch_size, 'seq_len': config.seq_len,
+          'tokens_per_step': tokens, 'compile_s': compile_s, 'step_ms': sec * 1e3,
+          'steps_per_repeat': train.calls, 'tokens_per_s': tokens / sec,
+          'model_flops_per_step': model_flops, 'model_flops_per_s': model_flops / sec,
+          'matmul_flop_ratio': statistics.median(
+              (model_flops / t) / (mm_flops / m) for t, m in pairs)}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  batch_sizes = _overrides(_BATCH.value, 'batch_sizes')
+  seq_lens = _overrides(_SEQ.value, 'seq_lens')
+  metrics.quiet_library_logs()
+  dev = jax.devices()
+  print(f'jax {jax.__version__}, {len(dev)} x {dev[0].device_kind} ({jax.default_backend()}),'
+        f' {os.cpu_count()} host cores')
+
+  matmuls = {}  # dtype -> {'timer', 'seconds': per-call seconds of every repeat}
+  rows = []
+  for size in _SIZES.value:
+    row = bench_size(size, batch_sizes.get(size), seq_lens.get(size), matmuls)
+    rows.append(row)
+    print(f'  timed {row["config"]}: {row["step_ms"]:.1f} ms/step '
+          f'({row["steps_per_repeat"]} steps x {_REPEATS.value} repeats)', flush=True)
+  for dtype in _MATMUL_DTYPES.value:  # dtypes no config computes in: timed on their own
+    if dtype not in matmuls:
+      timer = matmul_timer(_MATMUL_N.value, dtype)
+      timer.warm_up(_WARMUP.value, _REPEAT_S.value)
+      matmuls[dtype] = {'timer': timer,
+                        'seconds': [timer.repeat() for _ in range(_REPEATS.value)]}
+  n = _MATMUL_N.value
+  mm_rows = [{'dtype': d, 'n': n, 'ms': statistics.median(m['seconds']) * 1e3,
+              'flops_per_s': 2.0 * n ** 3 / statistics.median(m['seconds']),
+              'repeats': len(m['seconds'])} for d, m in matmuls.items()]
+
+  head = ('config', 'dtype', 'params', 'B x T', 'tokens/step', 'compile s', 'step ms',
+          'tokens/s', 'model TFLOP/s', '/ matmul')
+  table = [head] + [(r['config'], r['compute_dtype'], f'{r["params"] / 1e6:.2f}M',
+                     f'{r["batch_size"]} x {r["seq_len"]}', str(r['tokens_per_step']),
+                     f'{r["compile_s"]:.1f}', f'{r["step_ms"]:.1f}',
+                     f'{r["tokens_per_s"]:,.0f}', f'{r["model_flops_per_s"] / 1e12:.4f}',
+                     f'{r["matmul_flop_ratio"]:.3f}') for r in rows]
+  widths = [max(len(line[i]) for line in table) for i in range(len(head))]
+  print()
+  for line in table:
+    print('  '.join(c.rjust(w) for c, w in zip(line, widths)))
+  print()
+  for m in mm_rows:
+    print(f'matmul {m["n"]}x{m["n"]} {m["dtype"]} inputs, float32 accumulation: '
+          f'{m["ms"]:.2f} ms, {m["flops_per_s"] / 1e12:.4f} TFLOP/s per device')
+  for r in rows:
+    print(f'{r["config"]} / matmul flop ratio: {r["matmul_flop_ratio"]:.3f}')
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump({'jax': jax.__version__, 'devices': [str(d) for d in dev],
+                 'device_kind': dev[0].device_kind, 'train_steps': rows,
+                 'matmuls': mm_rows}, f, indent=1)
+
+
+if __name__ == '__main__':
+  app.run(main)
