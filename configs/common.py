@@ -1,12 +1,14 @@
 """What every model family's config shares: the ONE size table, the training, mesh and data
 defaults, and the parser of `get_config` arguments ("tiny", "small,key=value,...").
 
-Config files import only this module and ml_collections (no jax), so `--help` stays fast.
+Config files import only this module, ml_collections and the numpy tokenizer (no jax).
 """
 
 from __future__ import annotations
 
 import ml_collections
+
+from data import tokenizer
 
 # The size table. Dense shapes follow the MoMa paper's 90M / 435M / 1.4B models (l/d/F/h)
 # so replications compare like with like; `tiny` trains in minutes on 2 CPU cores.
@@ -61,7 +63,7 @@ def base_config(size: str) -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.family = 'dense'
-  c.model.vocab_size = 384  # data/tokenizer.py VOCAB_SIZE: bytes + specials + image codes
+  c.model.vocab_size = tokenizer.VOCAB_SIZE  # bytes + specials + image codes, padded
   c.model.num_layers = s['num_layers']
   c.model.embed_dim = s['embed_dim']
   c.model.num_heads = s['num_heads']
