@@ -1,14 +1,19 @@
 """Small shared builders for tests: a tiny config and a random batch."""
 
+import functools
+
+import jax
 import numpy as np
+from flax import nnx
 
 from configs import dense
 from data import tokenizer
+from training import sharding, state as state_lib, step as step_lib
 
 
-def tiny_config(**overrides):
+def tiny_config(base=None, **overrides):
   """configs/dense.py:tiny shrunk further so a step compiles and runs in about a second."""
-  c = dense.get_config('tiny')
+  c = base or dense.get_config('tiny')
   c.model.num_layers = 2
   c.model.embed_dim = 64
   c.model.num_heads = 4
@@ -49,3 +54,17 @@ def random_batch(batch_size, seq_len, seed=0):
           'modality': tokenizer.modality_of(tokens).astype(np.int32),
           'target_modality': tokenizer.modality_of(targets).astype(np.int32),
           'loss_mask': (targets != tokenizer.PAD).astype(np.float32)}
+
+
+def loss_and_grads(config, devices):
+  """Loss, gradients (pure dict) and params of a fresh init on a mesh over `devices`."""
+  mesh = sharding.make_mesh(config.mesh, devices=devices)
+  layout = state_lib.state_layout(config, mesh)
+  state = state_lib.init_state(config, layout)
+  batch = sharding.shard_batch(random_batch(config.batch_size, config.seq_len),
+                               sharding.batch_sharding(mesh))
+  fn = functools.partial(step_lib.loss_fn, graphdef=layout.graphdef, num_modalities=2)
+  grad_fn = jax.jit(jax.value_and_grad(lambda p, b: fn(p, batch=b)[0]))
+  with jax.set_mesh(mesh):
+    loss, grads = grad_fn(state['params'], batch)
+  return jax.device_get(loss), jax.device_get(nnx.to_pure_dict(grads)), state['params']

@@ -1,30 +1,14 @@
 """Parallel layout never changes the function: loss and gradients on every mesh equal the
 single-device values, and parameters really are split."""
 
-import functools
-
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
-from training import sharding, state as state_lib, step as step_lib
-from tests.helpers import random_batch, tiny_config
+from training import sharding
+from tests.helpers import loss_and_grads, tiny_config
 
 MESHES = [(1, 1, 1, 1), (8, 1, 1, 1), (2, 4, 1, 1), (2, 1, 1, 4), (1, 2, 2, 2)]
-
-
-def loss_and_grads(config, devices):
-  mesh = sharding.make_mesh(config.mesh, devices=devices)
-  layout = state_lib.state_layout(config, mesh)
-  state = state_lib.init_state(config, layout)
-  batch = sharding.shard_batch(random_batch(config.batch_size, config.seq_len),
-                       sharding.batch_sharding(mesh))
-  fn = functools.partial(step_lib.loss_fn, graphdef=layout.graphdef, num_modalities=2)
-  grad_fn = jax.jit(jax.value_and_grad(lambda p, b: fn(p, batch=b)[0]))
-  with jax.set_mesh(mesh):
-    loss, grads = grad_fn(state['params'], batch)
-  return jax.device_get(loss), jax.device_get(nnx.to_pure_dict(grads)), state['params']
 
 
 @pytest.fixture(scope='module')

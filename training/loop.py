@@ -97,7 +97,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
 
   names = tokenizer.MODALITIES
   step_fn = functools.partial(step_lib.train_step, graphdef=layout.graphdef, tx=layout.tx,
-                              num_modalities=len(names))
+                              num_modalities=len(names), seed=config.seed)
   batch_sh = sharding.batch_sharding(mesh)
   jitted = jax.jit(step_fn, in_shardings=(layout.shardings, batch_sh),
                    out_shardings=(layout.shardings, None), donate_argnums=0)

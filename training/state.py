@@ -22,6 +22,7 @@ from training import sharding
 
 MODEL_FAMILIES: dict[str, Callable[..., nnx.Module]] = {
     'dense': transformer.Decoder,
+    'moe': transformer.Decoder,  # the same decoder with MoE FFNs (config.model.moe)
 }
 
 

@@ -33,9 +33,9 @@ def aux_loss_total(aux: dict) -> jax.Array:
   return sum(terms, jnp.zeros((), jnp.float32))
 
 
-def loss_fn(params, graphdef, batch, num_modalities: int):
+def loss_fn(params, graphdef, batch, num_modalities: int, rng=None):
   model = nnx.merge(graphdef, params)
-  logits, aux = model(batch)
+  logits, aux = model(batch, rng)
   stats = token_stats(logits, batch, num_modalities)
   ce = stats['loss_sum'].sum() / jnp.maximum(stats['count'].sum(), 1.0)
   return ce + aux_loss_total(aux), (ce, stats, aux)
@@ -46,10 +46,16 @@ def _global_norm(tree) -> jax.Array:
 
 
 def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation,
-               num_modalities: int):
-  """One optimizer step. Returns the new state and scalar/vector metrics (on device)."""
+               num_modalities: int, seed: int = 0):
+  """One optimizer step. Returns the new state and scalar/vector metrics (on device).
+
+  Stochastic parts of the model (router jitter) draw from fold_in(key(seed), step), so a
+  resumed run repeats exactly what the uninterrupted one would have done.
+  """
+  rng = jax.random.fold_in(jax.random.key(seed), state['step'])
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss, (ce, stats, aux)), grads = grad_fn(state['params'], graphdef, batch, num_modalities)
+  (loss, (ce, stats, aux)), grads = grad_fn(state['params'], graphdef, batch, num_modalities,
+                                            rng)
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
   metrics = {

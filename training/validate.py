@@ -16,7 +16,7 @@ POSITIVE_INTS = ('total_steps', 'batch_size', 'seq_len', 'log_every', 'checkpoin
                  'model.num_kv_heads', 'model.head_dim', 'model.mlp_dim', 'model.vocab_size',
                  'eval.batch_size')
 DTYPES = ('float32', 'bfloat16', 'float16')
-FAMILIES = ('dense',)
+FAMILIES = ('dense', 'moe')
 
 
 def _get(config, dotted: str):
@@ -78,4 +78,29 @@ def validate(config, num_devices: int) -> tuple[int, ...]:
   if m.embed_dim % sizes['fsdp']:
     raise ValueError(f"model.embed_dim={m.embed_dim} is not divisible by "
                      f"mesh.fsdp={sizes['fsdp']}")
+  if m.family == 'moe':
+    _validate_moe(config, sizes)
   return shape
+
+
+def _validate_moe(config, sizes) -> None:
+  from models import transformer  # local: keep `validate` importable without flax
+  from moe import layer as moe_layer
+  moe = config.model.moe
+  for key in ('num_experts', 'k', 'mlp_dim', 'every'):
+    if not isinstance(moe[key], int) or moe[key] <= 0:
+      raise ValueError(f'config.model.moe.{key} must be a positive integer, got {moe[key]!r}')
+  if moe.dispatch == 'capacity' and not moe.capacity_factor > 0:
+    raise ValueError(f'config.model.moe.capacity_factor must be > 0, got '
+                     f'{moe.capacity_factor!r}')
+  if moe.mlp_dim % sizes['tensor']:
+    raise ValueError(f"config.model.moe.mlp_dim={moe.mlp_dim} is not divisible by "
+                     f"mesh.tensor={sizes['tensor']}")
+  spec = transformer.moe_spec_from_config(moe)
+  moe_layer.check_moe_spec(spec, seq_len=config.seq_len, expert_shards=sizes['expert'])
+  group = moe.group_size or config.seq_len
+  groups = config.batch_size * config.seq_len // group
+  shards = sizes['data'] * sizes['fsdp'] * sizes['expert']
+  if groups % shards:
+    raise ValueError(f'{groups} routing groups of model.moe.group_size={group} tokens do not '
+                     f'split over the {shards} batch shards')

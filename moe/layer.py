@@ -1,0 +1,128 @@
+"""The MoE FFN layer: router + dispatch + stacked experts (+ shared / residual experts).
+
+    x [B, T, D] -> groups [G, S, D] -> logits = x W_r (float32) -> Routing + metrics
+      -> dispatch (dropless: sort + ragged_dot | capacity: padded buffers)
+      -> experts (on one device, or expert-parallel over the mesh axis 'expert')
+      -> combine -> y [B, T, D]  (+ shared experts) (+ PR-MoE residual mix)
+
+Routing groups are `group_size` consecutive tokens of the flattened batch (0 = one sequence
+per group), a property of the data, so the function is the same on every mesh. Under
+expert parallelism (mesh axis `expert` > 1) the padded all_to_all path of moe/parallel.py
+runs; a dropless layer then uses capacity = group size (no token can be dropped), which
+keeps it equal to the single-device dropless result.
+
+Returns `(y, aux)`; aux holds `aux_loss` (already weighted: it is added to the training
+loss), the router metrics and the dispatch stats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models import layers
+from moe import dispatch, parallel, routing
+from moe.experts import Experts
+from training.sharding import constrain
+
+DISPATCH = ('dropless', 'capacity')
+
+
+@dataclasses.dataclass(frozen=True)
+class MoESpec:
+  """Settings of one MoE layer (built from `config.model.moe`)."""
+  num_experts: int  # E
+  mlp_dim: int  # F of each expert
+  router: routing.RouterConfig = routing.RouterConfig()
+  dispatch: str = 'dropless'  # 'dropless' | 'capacity'
+  group_size: int = 0  # tokens per routing group; 0 = one sequence
+  num_shared_experts: int = 0  # always-on SwiGLU experts added to the routed output
+  residual: bool = False  # PR-MoE: y = a0 * MoE(x) + a1 * MLP(x), [a0, a1] = softmax(x W)
+
+
+def check_moe_spec(spec: MoESpec, *, seq_len: int, expert_shards: int) -> None:
+  """Clear errors before compilation."""
+  if spec.dispatch not in DISPATCH:
+    raise ValueError(f'model.moe.dispatch={spec.dispatch!r} is not one of {DISPATCH}')
+  if spec.dispatch == 'dropless' and spec.router.expert_choice:
+    raise ValueError(f'{spec.router.name}: expert-choice routing has a capacity by '
+                     "definition: use model.moe.dispatch='capacity'")
+  routing.check_router_config(spec.router, spec.num_experts)
+  if spec.dispatch == 'capacity' and spec.router.capacity_factor is None:
+    raise ValueError("model.moe.dispatch='capacity' needs model.moe.capacity_factor > 0")
+  if spec.num_experts % expert_shards:
+    raise ValueError(f'model.moe.num_experts={spec.num_experts} is not divisible by '
+                     f'mesh.expert={expert_shards}')
+  if spec.group_size < 0 or (spec.group_size and seq_len % spec.group_size
+                             and spec.group_size % seq_len):
+    raise ValueError(f'model.moe.group_size={spec.group_size} must be 0, divide '
+                     f'seq_len={seq_len}, or be a multiple of it')
+
+
+class MoELayer(nnx.Module):
+  """Routed SwiGLU experts; `__call__(x [B, T, D]) -> (y [B, T, D], aux)`."""
+
+  def __init__(self, spec: MoESpec, *, embed_dim: int, dtype, param_dtype, rngs: nnx.Rngs):
+    self.spec = spec
+    self.dtype = dtype  # compute dtype of the expert matmuls
+    self.router = layers.param(rngs, nnx.initializers.normal(embed_dim ** -0.5 * 0.1),
+                               (embed_dim, spec.num_experts), ('embed', None), param_dtype)
+    self.experts = Experts(num_experts=spec.num_experts, embed_dim=embed_dim,
+                           mlp_dim=spec.mlp_dim, dtype=dtype, param_dtype=param_dtype,
+                           rngs=rngs)
+    self.shared = (layers.SwiGLU(embed_dim=embed_dim,
+                                 mlp_dim=spec.mlp_dim * spec.num_shared_experts,
+                                 dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                   if spec.num_shared_experts else None)
+    if spec.residual:
+      self.residual_mlp = layers.SwiGLU(embed_dim=embed_dim, mlp_dim=spec.mlp_dim,
+                                        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+      self.residual_mix = layers.param(rngs, nnx.initializers.zeros, (embed_dim, 2),
+                                       ('embed', None), param_dtype)
+
+  def _groups(self, x_BTD):
+    B, T, D = x_BTD.shape
+    S = self.spec.group_size or T
+    return x_BTD.reshape(B * T // S, S, D)
+
+  def __call__(self, x_BTD: jax.Array, rng: jax.Array | None = None):
+    """`rng` (training only) drives router jitter; None = deterministic routing."""
+    B, T, D = x_BTD.shape
+    x = self._groups(x_BTD)
+    r_in = x.astype(jnp.float32)
+    if rng is not None and self.spec.router.jitter > 0:
+      r_in = routing.jitter(r_in, rng, self.spec.router.jitter)
+    logits = jnp.einsum('GSD,DE->GSE', r_in, self.router[...].astype(jnp.float32))
+    route, metrics = routing.route(self.spec.router, logits)
+    y, stats = self._dispatch(x, route)
+    y = constrain(y.reshape(B, T, D), ('batch', 'length', 'act_embed'))
+    if self.shared is not None:
+      y = y + self.shared(x_BTD)
+    if self.spec.residual:
+      mix = jax.nn.softmax(jnp.einsum('BTD,DM->BTM', x_BTD.astype(jnp.float32),
+                                      self.residual_mix[...].astype(jnp.float32)), axis=-1)
+      y = (mix[..., :1] * y + mix[..., 1:] * self.residual_mlp(x_BTD)).astype(y.dtype)
+    return y, {**metrics, **stats}
+
+  def _dispatch(self, x_GSD, route: routing.Routing):
+    spec, n_shards = self.spec, parallel.expert_axis_size()
+    if spec.dispatch == 'dropless' and n_shards == 1:
+      return dispatch.dropless_dispatch_combine(x_GSD, route, self.experts)
+    # Padded buffers. Dropless under expert parallelism: capacity = S, nothing is dropped.
+    S = x_GSD.shape[1]
+    capacity = S if spec.dispatch == 'dropless' else spec.router.capacity(S, spec.num_experts)
+    if n_shards == 1:
+      expert_fn = self.experts.dense_apply
+    else:
+      E, G = spec.num_experts, x_GSD.shape[0]
+
+      def expert_fn(buffers):  # [E, G*C, D] -> [E, G*C, D], experts on their devices
+        out = parallel.expert_parallel_swiglu(
+            buffers.reshape(E, G, capacity, -1), self.experts.w_gate[...],
+            self.experts.w_up[...], self.experts.w_down[...], self.dtype)
+        return out.reshape(E, G * capacity, -1)
+    return dispatch.capacity_dispatch_combine(x_GSD, route, expert_fn, capacity,
+                                              dtype=self.dtype)

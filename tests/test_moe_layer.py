@@ -1,0 +1,86 @@
+"""The MoE decoder: expert parallelism computes the single-device function, experts are
+really split over the `expert` axis, and bad MoE configs fail before compilation."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from configs import moe as moe_config
+from training import sharding, state as state_lib, step as step_lib
+from training.validate import validate
+from tests.helpers import loss_and_grads, random_batch, tiny_config
+
+
+def moe_tiny(**overrides):
+  return tiny_config(base=moe_config.get_config('tiny'),
+                     **{'model.moe.mlp_dim': 128, **overrides})
+
+
+@pytest.fixture(scope='module')
+def reference():
+  loss, grads, _ = loss_and_grads(moe_tiny(**{'mesh.data': 1}), jax.devices()[:1])
+  return loss, grads
+
+
+MESHES = [(1, 1, 8, 1), (2, 1, 4, 1), (4, 1, 2, 1), (1, 2, 2, 2)]
+
+
+@pytest.mark.parametrize('shape', MESHES, ids=lambda s: 'x'.join(map(str, s)))
+def test_expert_parallel_equals_single_device(shape, reference):
+  config = moe_tiny(**{f'mesh.{a}': s for a, s in zip(sharding.MESH_AXES, shape)})
+  loss, grads, params = loss_and_grads(config, jax.devices())
+  np.testing.assert_allclose(loss, reference[0], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+               grads, reference[1])
+  w = params['blocks'][1]['ffn']['experts']['w_gate'][...]
+  assert w.shape[0] == 8
+  # Per device: 1/expert of the experts, and 1/(fsdp*tensor) of each expert's matrix.
+  assert w.addressable_shards[0].data.size == w.size // (shape[1] * shape[2] * shape[3])
+
+
+def test_expert_parallel_step_uses_all_to_all():
+  config = moe_tiny(**{'mesh.data': 2, 'mesh.expert': 4})
+  mesh = sharding.make_mesh(config.mesh)
+  layout = state_lib.state_layout(config, mesh)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
+           for k, v in random_batch(config.batch_size, config.seq_len).items()}
+  step = functools.partial(step_lib.train_step, graphdef=layout.graphdef, tx=layout.tx,
+                           num_modalities=2)
+  with jax.set_mesh(mesh):
+    hlo = jax.jit(step).lower(layout.abstract, batch).compile().as_text()
+  assert 'all-to-all' in hlo
+
+
+@pytest.mark.parametrize('router', ['expert_choice', 'batch_prioritized', 'topk_sigmoid'])
+def test_capacity_routers_expert_parallel_equal_single_device(router):
+  over = {'model.moe.router': router, 'model.moe.dispatch': 'capacity'}
+  if router == 'expert_choice':
+    over['model.moe.load_balance_coef'] = 0.0
+  ref_loss, ref_grads, _ = loss_and_grads(moe_tiny(**over, **{'mesh.data': 1}),
+                                          jax.devices()[:1])
+  loss, grads, _ = loss_and_grads(moe_tiny(**over, **{'mesh.data': 2, 'mesh.expert': 4}),
+                                  jax.devices())
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+               grads, ref_grads)
+
+
+BAD = [
+    ({'model.moe.num_experts': 6, 'mesh.data': 2, 'mesh.expert': 4},
+     'num_experts=6 is not divisible by mesh.expert=4'),
+    ({'model.moe.k': 9}, 'k'),
+    ({'model.moe.dispatch': 'capacity', 'model.moe.capacity_factor': 0.0}, 'capacity_factor'),
+    ({'model.moe.router': 'nope'}, 'nope'),
+    ({'model.moe.dispatch': 'sparse'}, "dispatch='sparse'"),
+    ({'model.moe.router': 'expert_choice'}, 'expert-choice routing has a capacity'),
+    ({'model.moe.group_size': 7}, 'group_size=7'),
+]
+
+
+@pytest.mark.parametrize('overrides,message', BAD, ids=[str(o) for o, _ in BAD])
+def test_bad_moe_config_gives_one_clear_error(overrides, message):
+  with pytest.raises(ValueError) as err:
+    validate(moe_tiny(**overrides), 8)
+  assert message in str(err.value), str(err.value)
