@@ -2,7 +2,10 @@
 
 eval.json:
   {"step": N,
-   "modalities": {"text": {"loss", "unigram_loss", "accuracy", "tokens"}, "image": {...}}}
+   "modalities": {"text": {"loss", "unigram_loss", "accuracy", "tokens"}, "image": {...}},
+   "routing": {"layers": [{"layer": i, "expert_load": [E], "dropped_fraction", ...}]}}
+  (`routing` only for models with MoE layers: the router metrics averaged over the eval
+  batches; `expert_load[j]` = share of the layer's token-expert pairs routed to expert j)
 
 `loss` is the mean next-token cross-entropy (nats) over that modality's target tokens of
 the eval split; `unigram_loss` is the entropy of those same target tokens under their own
@@ -31,6 +34,20 @@ def unigram_entropy(counts: np.ndarray) -> float:
   return float(-(p * np.log(p)).sum())
 
 
+def routing_report(aux: dict[str, np.ndarray]) -> dict:
+  """{'layer_1/expert_load': [E], ...} -> {'layers': [{'layer': 1, 'expert_load': [...],
+  'dropped_fraction': ..., ...}]}, one entry per MoE layer, in layer order."""
+  layers: dict[int, dict] = {}
+  for key, value in aux.items():
+    layer, _, name = key.partition('/')
+    if not layer.startswith('layer_'):
+      continue
+    index = int(layer.removeprefix('layer_'))
+    entry = layers.setdefault(index, {'layer': index})
+    entry[name] = value.tolist() if value.ndim else float(value)
+  return {'layers': [layers[i] for i in sorted(layers)]}
+
+
 def evaluate(config, workdir: str) -> dict:
   validate(config, jax.device_count())
   mesh = sharding.make_mesh(config.mesh)
@@ -50,15 +67,19 @@ def evaluate(config, workdir: str) -> dict:
   batch_sh = sharding.batch_sharding(mesh)
   totals = {k: np.zeros(len(names)) for k in ('loss_sum', 'correct', 'count')}
   unigram = np.zeros((len(names), config.model.vocab_size))
+  routing_sums, num_batches = {}, 0  # per-layer MoE metrics, averaged over batches
   examples = config.eval.num_examples or None
   with jax.set_mesh(mesh):
     for batch in pipeline.make_eval_iterator(
         config.data, seq_len=config.seq_len, batch_size=config.eval.batch_size,
         num_examples=examples, process_index=jax.process_index(),
         process_count=jax.process_count()):
-      stats, _ = eval_fn(state['params'], sharding.shard_batch(batch, batch_sh))
-      for k, v in jax.device_get(stats).items():
+      stats, aux = jax.device_get(eval_fn(state['params'], sharding.shard_batch(batch, batch_sh)))
+      for k, v in stats.items():
         totals[k] += v
+      for k, v in aux.items():
+        routing_sums[k] = routing_sums.get(k, 0) + np.asarray(v, np.float64)
+      num_batches += 1
       mask = batch['loss_mask'] > 0
       for i in range(len(names)):
         sel = mask & (batch['target_modality'] == i)
@@ -79,6 +100,9 @@ def evaluate(config, workdir: str) -> dict:
         'accuracy': float(totals['correct'][i] / n),
         'tokens': int(n),
     }
+  if routing_sums:
+    report['routing'] = routing_report(
+        {k: v / num_batches for k, v in routing_sums.items()})
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'eval.json'), 'w') as f:
       json.dump(report, f, indent=1)

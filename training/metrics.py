@@ -76,8 +76,14 @@ def summarise(step_metrics: list[dict], modality_names) -> dict[str, float]:
       out[f'train/accuracy/{name}'] = float(correct[i] / count[i])
   skip = {'loss', 'loss_sum', 'correct', 'count'}
   for key in step_metrics[-1]:
-    if key not in skip and np.ndim(step_metrics[-1][key]) == 0:
-      out[f'train/{key}'] = float(np.mean([m[key] for m in step_metrics]))
+    if key in skip:
+      continue
+    mean = np.mean([np.asarray(m[key]) for m in step_metrics], axis=0)
+    name = f"train/{key.removeprefix('aux/')}"
+    if mean.ndim == 0:
+      out[name] = float(mean)
+    else:  # per-expert vectors: one scalar per entry
+      out.update({f'{name}/{i}': float(v) for i, v in enumerate(mean.reshape(-1))})
   return out
 
 

@@ -62,7 +62,7 @@ def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation,
       'loss': loss, 'ce_loss': ce, **stats,
       'grad_norm': _global_norm(grads), 'update_norm': _global_norm(updates),
       'param_norm': _global_norm(params),
-      **{k: v for k, v in aux.items() if jnp.ndim(v) == 0},
+      **{f'aux/{k}': v for k, v in aux.items()},  # e.g. aux/layer_1/expert_load [E]
   }
   new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
   return new_state, metrics
