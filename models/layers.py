@@ -92,20 +92,22 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BTD: jax.Array, rope_sin_cos) -> jax.Array:
     """`rope_sin_cos` from `rope_tables` (shared by all layers)."""
-    x = x_BTD.astype(self.dtype)
-    q = jnp.einsum('BTD,DHK->BTHK', x, self.wq[...].astype(self.dtype))
-    k = jnp.einsum('BTD,DGK->BTGK', x, self.wk[...].astype(self.dtype))
-    v = jnp.einsum('BTD,DGK->BTGK', x, self.wv[...].astype(self.dtype))
-    q = constrain(apply_rope(q, rope_sin_cos),
+    B, T, D = x_BTD.shape
+    x = x_BTD.astype(self.dtype).reshape(B * T, D)  # 2-D matmuls: see SwiGLU
+    def project(w):  # [D, heads, K] -> [B, T, heads, K]
+      w = w[...].astype(self.dtype)
+      return (x @ w.reshape(D, -1)).reshape(B, T, w.shape[1], w.shape[2])
+    q = constrain(apply_rope(project(self.wq), rope_sin_cos),
                   ('batch', 'length', 'act_heads', None))
-    k = constrain(apply_rope(k, rope_sin_cos),
+    k = constrain(apply_rope(project(self.wk), rope_sin_cos),
                   ('batch', 'length', 'act_kv_heads', None))
-    v = constrain(v, ('batch', 'length', 'act_kv_heads', None))
+    v = constrain(project(self.wv), ('batch', 'length', 'act_kv_heads', None))
     o = jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                      implementation=self.implementation)
     o = constrain(o, ('batch', 'length', 'act_heads', None))
-    out = jnp.einsum('BTHK,HKD->BTD', o, self.wo[...].astype(self.dtype))
-    return constrain(out, ('batch', 'length', 'act_embed'))
+    wo = self.wo[...].astype(self.dtype)
+    out = o.reshape(B * T, -1) @ wo.reshape(-1, D)
+    return constrain(out.reshape(B, T, D), ('batch', 'length', 'act_embed'))
 
 
 class SwiGLU(nnx.Module):
@@ -121,12 +123,15 @@ class SwiGLU(nnx.Module):
                         ('mlp', 'embed'), param_dtype)
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    x = x_BTD.astype(self.dtype)
-    gate = jnp.einsum('BTD,DF->BTF', x, self.w_gate[...].astype(self.dtype))
-    up = jnp.einsum('BTD,DF->BTF', x, self.w_up[...].astype(self.dtype))
-    h = constrain(jax.nn.silu(gate) * up, ('batch', 'length', 'act_mlp'))
-    out = jnp.einsum('BTF,FD->BTD', h, self.w_down[...].astype(self.dtype))
-    return constrain(out, ('batch', 'length', 'act_embed'))
+    # Flattened to [B*T, D]: XLA:CPU runs 2-D matmuls (and their weight gradients) ~1.5x
+    # faster than the same einsums over [B, T, D]; on GPU/TPU it is the same program.
+    B, T, D = x_BTD.shape
+    x = x_BTD.astype(self.dtype).reshape(B * T, D)
+    gate = x @ self.w_gate[...].astype(self.dtype)
+    up = x @ self.w_up[...].astype(self.dtype)
+    h = constrain((jax.nn.silu(gate) * up).reshape(B, T, -1), ('batch', 'length', 'act_mlp'))
+    out = h.reshape(B * T, -1) @ self.w_down[...].astype(self.dtype)
+    return constrain(out.reshape(B, T, D), ('batch', 'length', 'act_embed'))
 
 
 class Embed(nnx.Module):

@@ -106,7 +106,8 @@ class Decoder(nnx.Module):
       aux.update({f'layer_{i}/{k}': v for k, v in block_aux.items()})
     x = self.final_norm(x)
     dtype = dtype_of(self.spec.dtype)
-    logits = jnp.einsum('BTD,DV->BTV', x, self.lm_head[...].astype(dtype))
+    B, T, D = x.shape
+    logits = (x.reshape(B * T, D) @ self.lm_head[...].astype(dtype)).reshape(B, T, -1)
     logits = constrain(logits.astype(jnp.float32), ('batch', 'length', 'act_vocab'))
     return logits, aux
 

@@ -6,11 +6,9 @@ SwiGLU as models/layers.py. Two ways to run all of them at once:
   dense_apply(x_ECD)             every expert on its own [C, D] buffer (one batched einsum
                                  over E); for capacity dispatch and expert parallelism.
   ragged_apply(x_ND, sizes_E)    rows sorted by expert, group j = the next sizes_E[j] rows;
-                                 grouped matmuls with `jax.lax.ragged_dot` (dropless path).
-
-Note on backends: on GPU/TPU `ragged_dot` is a grouped-matmul kernel (FLOPs ~ N·D·F). On
-XLA:CPU jax lowers it to a masked dense product, [E, N, D] x [E, D, F], i.e. E times the
-FLOPs and memory of the useful work: fine for tests, slow for CPU benchmarks.
+                                 grouped matmuls (dropless path): moe/grouped.py picks
+                                 `jax.lax.ragged_dot` on GPU/TPU and padded blocks on CPU
+                                 (where ragged_dot lowers to E x the FLOPs).
 
 Parameters are stored in `param_dtype` and cast to `dtype` for the matmuls, as in
 models/layers.py. The stacked axis carries the logical name 'expert' (mapped to the mesh
@@ -27,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.layers import fan_in_init, param
+from moe import grouped
 
 
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
@@ -44,11 +43,12 @@ class Experts(nnx.Module):
   """E SwiGLU experts with stacked weights w_gate/w_up [E, D, F] and w_down [E, F, D]."""
 
   def __init__(self, *, num_experts: int, embed_dim: int, mlp_dim: int, dtype, param_dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, grouped_impl: str = 'auto'):
     self.num_experts = num_experts  # E
     self.embed_dim = embed_dim  # D
     self.mlp_dim = mlp_dim  # F, hidden width of EACH expert
     self.dtype = dtype  # compute dtype of the matmuls (outputs come back in it)
+    self.grouped_impl = grouped_impl  # dropless kernel: 'auto' | 'ragged_dot' | 'blocks'
     # Same init as the dense SwiGLU (fan-in of one expert), so an upcycled copy of a dense
     # FFN and a freshly initialised expert have the same scale.
     self.w_gate = param(rngs, fan_in_init(embed_dim), (num_experts, embed_dim, mlp_dim),
@@ -77,13 +77,11 @@ class Experts(nnx.Module):
     """Grouped SwiGLU: rows [start_j, start_j + group_sizes_E[j]) go through expert j.
 
     x_ND [N, D] sorted by expert; group_sizes_E int32 [E] with sum <= N. Returns [N, D] in
-    the compute dtype. Rows past sum(group_sizes_E) belong to no expert: their output is
-    not specified (zero with the current lowerings) and callers must mask them.
+    the compute dtype; rows past sum(group_sizes_E) belong to no expert and come out 0.
+    The kernel is `self.grouped_impl` (moe/grouped.py: ragged_dot on GPU/TPU, blocks on
+    CPU, where ragged_dot costs E x the FLOPs).
     """
     assert group_sizes_E.shape == (self.num_experts,), group_sizes_E.shape
     w_gate, w_up, w_down = self._weights()
-    x = x_ND.astype(self.dtype)
-    sizes = group_sizes_E.astype(jnp.int32)
-    gate = jax.lax.ragged_dot(x, w_gate, sizes)
-    up = jax.lax.ragged_dot(x, w_up, sizes)
-    return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, sizes)
+    return grouped.grouped_swiglu(x_ND.astype(self.dtype), w_gate, w_up, w_down,
+                                  group_sizes_E, impl=self.grouped_impl)
