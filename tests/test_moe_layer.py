@@ -4,10 +4,13 @@ really split over the `expert` axis, and bad MoE configs fail before compilation
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import moe as moe_config
+from moe import layer as moe_layer, routing
 from training import sharding, state as state_lib, step as step_lib
 from training.validate import validate
 from tests.helpers import loss_and_grads, random_batch, tiny_config
@@ -84,3 +87,45 @@ def test_bad_moe_config_gives_one_clear_error(overrides, message):
   with pytest.raises(ValueError) as err:
     validate(moe_tiny(**overrides), 8)
   assert message in str(err.value), str(err.value)
+
+
+def _layer(**spec_overrides):
+  spec = moe_layer.MoESpec(num_experts=4, mlp_dim=16,
+                           router=routing.RouterConfig(k=2, capacity_factor=None),
+                           **spec_overrides)
+  return moe_layer.MoELayer(spec, embed_dim=8, dtype=jnp.float32, param_dtype=jnp.float32,
+                            rngs=nnx.Rngs(0))
+
+
+def test_shared_experts_add_a_dense_swiglu_to_the_routed_output():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 8)), jnp.float32)
+  with_shared = _layer(num_shared_experts=2)
+  routed_only = _layer()
+  y, _ = with_shared(x)
+  y_routed, _ = routed_only(x)  # same rngs order: router + experts initialised identically
+  np.testing.assert_allclose(np.asarray(y), np.asarray(y_routed + with_shared.shared(x)),
+                             rtol=1e-5, atol=1e-6)
+  assert with_shared.shared.w_up[...].shape == (8, 32)  # 2 shared experts of width 16
+
+
+def test_residual_moe_mixes_moe_and_mlp_with_learned_softmax():
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 6, 8)), jnp.float32)
+  layer = _layer(residual=True)
+  y, _ = layer(x)
+  y_moe, _ = _layer()(x)
+  # Zero-initialised mixing weights: [a0, a1] = softmax(0, 0) = [0.5, 0.5].
+  np.testing.assert_allclose(np.asarray(y), np.asarray(0.5 * y_moe + 0.5 * layer.residual_mlp(x)),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_router_jitter_only_with_an_rng():
+  spec = moe_layer.MoESpec(num_experts=4, mlp_dim=16, router=routing.RouterConfig(
+      k=1, capacity_factor=None, jitter=0.5))
+  layer = moe_layer.MoELayer(spec, embed_dim=8, dtype=jnp.float32, param_dtype=jnp.float32,
+                             rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 16, 8)), jnp.float32)
+  a, _ = layer(x)
+  b, _ = layer(x)
+  c, _ = layer(x, jax.random.key(1))
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # eval: deterministic
+  assert not np.allclose(np.asarray(a), np.asarray(c))  # train: jittered routing
