@@ -1,5 +1,6 @@
 """Steady-state train-step time and model FLOP/s of the dense configs, set against a plain
-matmul measured on the same device in the same run (a "fraction of matmul peak" MFU).
+matmul measured on the same device in the same run (a "fraction of matmul peak" MFU), and
+the MoE tiny step against the dense tiny step.
 
   python benchmarks/train_step.py                      # 2-core CPU defaults: ~2 minutes
   python benchmarks/train_step.py --batch_sizes= --json=bench.json   # config batch sizes
@@ -14,6 +15,11 @@ bf16 inputs and float32 accumulation. The matmul at the config's compute dtype i
 repeats alternating with the train step's, and the ratio is the median of the per-pair
 ratios, so a change in machine load hits both sides alike. Absolute times vary between
 machines and runs: compare the ratios. Results and their reading: docs/benchmarks.md.
+
+With --moe (default) and tiny in --sizes, the train step of configs/moe.py:tiny, with each
+expert's mlp_dim = dense mlp_dim / k (the dense tiny's active FLOPs), is timed in the same
+repeats as dense tiny and its matmul; the last line is `moe/dense step time ratio: X`, the
+median of the per-repeat ratios (docs/moe.md).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import dense  # noqa: E402
+from configs import dense, moe  # noqa: E402
 from data import tokenizer  # noqa: E402
 from models.transformer import dtype_of  # noqa: E402
 from tests.helpers import random_batch  # noqa: E402
@@ -55,6 +61,9 @@ _MATMUL_DTYPES = flags.DEFINE_list('matmul_dtypes', ['float32', 'bfloat16'],
                                    'Input dtypes of the matmul (accumulation is float32); '
                                    'each config\'s compute dtype is added if missing.')
 _JSON = flags.DEFINE_string('json', '', 'Also write the results to this JSON file.')
+_MOE = flags.DEFINE_bool('moe', True,
+                         'Also time configs/moe.py:tiny with expert mlp_dim = dense mlp_dim / k '
+                         '(equal active FLOPs) in the dense tiny repeats.')
 
 
 def _overrides(pairs: list[str], flag: str) -> dict[str, int]:
@@ -104,15 +113,18 @@ def matmul_timer(n: int, dtype_name: str) -> Timer:
   return Timer(lambda x: mm(x, w), x)
 
 
-def bench_size(size: str, batch_size: int | None, seq_len: int | None, matmuls: dict) -> dict:
-  """Compile and time the dense train step of `size` as training/loop.py runs it, with the
-  matmul at its compute dtype timed in alternate repeats (load changes hit both alike)."""
-  config = dense.get_config(size)
-  config.batch_size = batch_size or config.batch_size
-  config.seq_len = seq_len or config.seq_len
-  config.compute_dtype = _DTYPE.value or config.compute_dtype
-  validate(config, jax.device_count())
-  mesh = sharding.make_mesh(config.mesh)
+def moe_config_like(dense_config):
+  """configs/moe.py at the dense config's size, batch, length and dtype, with each expert's
+  mlp_dim = dense mlp_dim / k: a token's active FFN FLOPs equal the dense FFN's."""
+  config = moe.get_config(dense_config.size)
+  for key in ('batch_size', 'seq_len', 'compute_dtype'):
+    config[key] = dense_config[key]
+  config.model.moe.mlp_dim = config.model.mlp_dim // config.model.moe.k
+  return config
+
+
+def compile_step(config, mesh) -> tuple[Timer, dict]:
+  """The train step of `config` (validated) built and AOT-compiled as training/loop.py does."""
   layout = state_lib.state_layout(config, mesh)
   state = state_lib.init_state(config, layout)
   n_params = state_lib.count_params(state['params'])
@@ -121,33 +133,65 @@ def bench_size(size: str, batch_size: int | None, seq_len: int | None, matmuls: 
   batch = sharding.shard_batch(random_batch(local, config.seq_len, seed=0), batch_sh)
   step_fn = functools.partial(step_lib.train_step, graphdef=layout.graphdef, tx=layout.tx,
                               num_modalities=len(tokenizer.MODALITIES))
-  n_mm = _MATMUL_N.value
-  if config.compute_dtype not in matmuls:
-    matmuls[config.compute_dtype] = {'timer': matmul_timer(n_mm, config.compute_dtype)}
-  mm = matmuls[config.compute_dtype]
   with jax.set_mesh(mesh):
     jitted = jax.jit(step_fn, in_shardings=(layout.shardings, batch_sh),
                      out_shardings=(layout.shardings, None), donate_argnums=0)
     t0 = time.perf_counter()
     compiled = jitted.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    train = Timer(lambda s: compiled(s, batch)[0], state)
-    for timer in (train, mm['timer']):
-      timer.warm_up(_WARMUP.value, _REPEAT_S.value)
-    pairs = [(train.repeat(), mm['timer'].repeat()) for _ in range(_REPEATS.value)]
-  mm.setdefault('seconds', []).extend(s for _, s in pairs)
+  return Timer(lambda s: compiled(s, batch)[0], state), {'params': n_params,
+                                                          'compile_s': compile_s}
+
+
+def _row(name: str, config, info: dict, timer: Timer, pairs, mm_flops: float) -> dict:
+  """Table row of a step timed in `pairs` (step seconds, matmul seconds) per repeat."""
   tokens = config.batch_size * config.seq_len
   model_flops = flops.train_flops_per_step(state_lib.model_spec(config), config.seq_len,
                                            config.batch_size)
-  mm_flops = 2.0 * n_mm ** 3 * jax.device_count()  # the step runs on every device
   sec = statistics.median(t for t, _ in pairs)
-  return {'config': f'dense {size}', 'compute_dtype': config.compute_dtype,
-          'params': n_params, 'batch_size': config.batch_size, 'seq_len': config.seq_len,
-          'tokens_per_step': tokens, 'compile_s': compile_s, 'step_ms': sec * 1e3,
-          'steps_per_repeat': train.calls, 'tokens_per_s': tokens / sec,
+  return {'config': name, 'compute_dtype': config.compute_dtype,
+          'params': info['params'], 'batch_size': config.batch_size, 'seq_len': config.seq_len,
+          'tokens_per_step': tokens, 'compile_s': info['compile_s'], 'step_ms': sec * 1e3,
+          'steps_per_repeat': timer.calls, 'tokens_per_s': tokens / sec,
           'model_flops_per_step': model_flops, 'model_flops_per_s': model_flops / sec,
           'matmul_flop_ratio': statistics.median(
               (model_flops / t) / (mm_flops / m) for t, m in pairs)}
+
+
+def bench_size(size: str, batch_size: int | None, seq_len: int | None, matmuls: dict,
+               with_moe: bool = False) -> tuple[list[dict], float | None]:
+  """Compile and time the dense train step of `size` as training/loop.py runs it, with the
+  matmul at its compute dtype timed in alternate repeats (load changes hit both alike).
+  `with_moe`: the MoE step of `moe_config_like` joins every repeat. Returns the rows and the
+  median per-repeat MoE / dense step time ratio (None without MoE)."""
+  config = dense.get_config(size)
+  config.batch_size = batch_size or config.batch_size
+  config.seq_len = seq_len or config.seq_len
+  config.compute_dtype = _DTYPE.value or config.compute_dtype
+  validate(config, jax.device_count())
+  mesh = sharding.make_mesh(config.mesh)
+  train, info = compile_step(config, mesh)
+  steps = [(f'dense {size}', config, info, train)]
+  if with_moe:
+    moe_config = moe_config_like(config)
+    validate(moe_config, jax.device_count())
+    moe_train, moe_info = compile_step(moe_config, mesh)
+    steps.append((f'moe {size}', moe_config, moe_info, moe_train))
+  n_mm = _MATMUL_N.value
+  if config.compute_dtype not in matmuls:
+    matmuls[config.compute_dtype] = {'timer': matmul_timer(n_mm, config.compute_dtype)}
+  mm = matmuls[config.compute_dtype]
+  timers = [s[3] for s in steps] + [mm['timer']]
+  with jax.set_mesh(mesh):
+    for timer in timers:
+      timer.warm_up(_WARMUP.value, _REPEAT_S.value)
+    repeats = [[timer.repeat() for timer in timers] for _ in range(_REPEATS.value)]
+  mm.setdefault('seconds', []).extend(r[-1] for r in repeats)
+  mm_flops = 2.0 * n_mm ** 3 * jax.device_count()  # the step runs on every device
+  rows = [_row(name, c, i, timer, [(r[j], r[-1]) for r in repeats], mm_flops)
+          for j, (name, c, i, timer) in enumerate(steps)]
+  moe_ratio = statistics.median(r[1] / r[0] for r in repeats) if with_moe else None
+  return rows, moe_ratio
 
 
 def main(argv):
@@ -161,12 +205,15 @@ def main(argv):
         f' {os.cpu_count()} host cores')
 
   matmuls = {}  # dtype -> {'timer', 'seconds': per-call seconds of every repeat}
-  rows = []
+  rows, moe_ratio = [], None
   for size in _SIZES.value:
-    row = bench_size(size, batch_sizes.get(size), seq_lens.get(size), matmuls)
-    rows.append(row)
-    print(f'  timed {row["config"]}: {row["step_ms"]:.1f} ms/step '
-          f'({row["steps_per_repeat"]} steps x {_REPEATS.value} repeats)', flush=True)
+    size_rows, ratio = bench_size(size, batch_sizes.get(size), seq_lens.get(size), matmuls,
+                                  with_moe=_MOE.value and size == 'tiny')
+    moe_ratio = ratio if ratio is not None else moe_ratio
+    rows.extend(size_rows)
+    for row in size_rows:
+      print(f'  timed {row["config"]}: {row["step_ms"]:.1f} ms/step '
+            f'({row["steps_per_repeat"]} steps x {_REPEATS.value} repeats)', flush=True)
   for dtype in _MATMUL_DTYPES.value:  # dtypes no config computes in: timed on their own
     if dtype not in matmuls:
       timer = matmul_timer(_MATMUL_N.value, dtype)
@@ -199,7 +246,12 @@ def main(argv):
     with open(_JSON.value, 'w') as f:
       json.dump({'jax': jax.__version__, 'devices': [str(d) for d in dev],
                  'device_kind': dev[0].device_kind, 'train_steps': rows,
-                 'matmuls': mm_rows}, f, indent=1)
+                 'matmuls': mm_rows, 'moe_dense_step_time_ratio': moe_ratio}, f, indent=1)
+  if _MOE.value:
+    if moe_ratio is None:
+      print('moe/dense step time ratio: not measured (--moe pairs with tiny in --sizes)')
+    else:
+      print(f'moe/dense step time ratio: {moe_ratio:.3f}')
 
 
 if __name__ == '__main__':
