@@ -53,6 +53,7 @@ from models import layers  # noqa: E402
 from models.transformer import dtype_of  # noqa: E402
 from moe import grouped, routing  # noqa: E402
 from moe import layer as moe_layer  # noqa: E402
+from benchmarks.timing import Timer  # noqa: E402
 from training import metrics  # noqa: E402
 
 _B = flags.DEFINE_integer('batch', 8, 'B: sequences (one routing group each by default).')
@@ -78,30 +79,6 @@ _REPEAT_S = flags.DEFINE_float('repeat_seconds', 1.0,
 _JSON = flags.DEFINE_string('json', '', 'Also write the results to this JSON file.')
 
 DEFAULT_BLOCK = inspect.signature(grouped.grouped_swiglu).parameters['block'].default
-
-
-class Timer:
-  """Chained calls `carry = step(carry)` (as in benchmarks/train_step.py): calls wait on each
-  other through `carry`, so async dispatch cannot overlap them."""
-
-  def __init__(self, step, carry):
-    self.step, self.carry, self.calls = step, carry, 1
-
-  def warm_up(self, warmup: int, repeat_seconds: float) -> None:
-    one = []
-    for _ in range(max(1, warmup)):
-      t0 = time.perf_counter()
-      self.carry = jax.block_until_ready(self.step(self.carry))
-      one.append(time.perf_counter() - t0)
-    self.calls = max(1, round(repeat_seconds / min(one)))
-
-  def repeat(self) -> float:
-    """Seconds per call, averaged over one repeat of `self.calls` calls."""
-    t0 = time.perf_counter()
-    for _ in range(self.calls):
-      self.carry = self.step(self.carry)
-    jax.block_until_ready(self.carry)
-    return (time.perf_counter() - t0) / self.calls
 
 
 @contextlib.contextmanager

@@ -44,6 +44,7 @@ from tests.helpers import random_batch  # noqa: E402
 from training import flops, metrics, sharding  # noqa: E402
 from training import state as state_lib, step as step_lib  # noqa: E402
 from training.validate import validate  # noqa: E402
+from benchmarks.timing import Timer  # noqa: E402
 
 _SIZES = flags.DEFINE_list('sizes', ['tiny', 'small'], 'Sizes of configs/dense.py to time.')
 _BATCH = flags.DEFINE_list('batch_sizes', ['small=8'],
@@ -74,31 +75,6 @@ def _overrides(pairs: list[str], flag: str) -> dict[str, int]:
       raise app.UsageError(f'--{flag} entries are size=int, got {pair!r}')
     out[size] = int(value)
   return out
-
-
-class Timer:
-  """Times chained calls `carry = step(carry)`; calls wait on each other through `carry`,
-  so async dispatch cannot overlap them."""
-
-  def __init__(self, step, carry):
-    self.step, self.carry, self.calls = step, carry, 1
-
-  def warm_up(self, warmup: int, repeat_seconds: float) -> None:
-    """Untimed calls; then pick the calls per repeat so one lasts about repeat_seconds."""
-    one = []
-    for _ in range(max(1, warmup)):
-      t0 = time.perf_counter()
-      self.carry = jax.block_until_ready(self.step(self.carry))
-      one.append(time.perf_counter() - t0)
-    self.calls = max(1, round(repeat_seconds / min(one)))
-
-  def repeat(self) -> float:
-    """Seconds per call, averaged over one repeat of `self.calls` calls."""
-    t0 = time.perf_counter()
-    for _ in range(self.calls):
-      self.carry = self.step(self.carry)
-    jax.block_until_ready(self.carry)
-    return (time.perf_counter() - t0) / self.calls
 
 
 def matmul_timer(n: int, dtype_name: str) -> Timer:

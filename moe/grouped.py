@@ -47,23 +47,71 @@ def _swiglu_blocks(x_ND, w_gate, w_up, w_down, sizes_E, block: int):
   block_used = block_expert < E  # trailing blocks belong to no expert: skipped
   block_expert = jnp.minimum(block_expert, E - 1)
 
-  def one_block(_, inputs):
-    xb, e, used = inputs
-    def run(xb):
-      h = jax.nn.silu(xb @ w_gate[e]) * (xb @ w_up[e])
-      return h @ w_down[e]
-    yb = jax.lax.cond(used, run, jnp.zeros_like, xb)
-    return None, yb
-
-  _, yp = jax.lax.scan(one_block, None, (xp.reshape(num_blocks, block, D), block_expert,
-                                         block_used))
+  yp = _blocks_swiglu(xp.reshape(num_blocks, block, D), w_gate, w_up, w_down, block_expert,
+                      block_used)
   yp = yp.reshape(num_blocks * block, D)
   return jnp.where(in_group[:, None], yp.at[dest].get(mode='fill', fill_value=0), 0)
 
 
+def _blocks_forward(x_nbD, w_gate, w_up, w_down, block_expert, block_used):
+  """Scan over blocks: y and the pre-activations (a = x W_gate, u = x W_up) per block."""
+  def one_block(_, inputs):
+    xb, e, used = inputs
+    def run(xb):
+      a, u = xb @ w_gate[e], xb @ w_up[e]
+      return (jax.nn.silu(a) * u) @ w_down[e], a, u
+    def skip(xb):
+      zeros = jnp.zeros(xb.shape[:1] + w_gate.shape[2:], xb.dtype)
+      return jnp.zeros_like(xb), zeros, zeros
+    return None, jax.lax.cond(used, run, skip, xb)
+  return jax.lax.scan(one_block, None, (x_nbD, block_expert, block_used))[1]
+
+
+@jax.custom_vjp
+def _blocks_swiglu(x_nbD, w_gate, w_up, w_down, block_expert, block_used):
+  """Block i (rows x_nbD[i]) through expert block_expert[i]; unused blocks give 0."""
+  return _blocks_forward(x_nbD, w_gate, w_up, w_down, block_expert, block_used)[0]
+
+
+def _blocks_fwd(x_nbD, w_gate, w_up, w_down, block_expert, block_used):
+  y, a, u = _blocks_forward(x_nbD, w_gate, w_up, w_down, block_expert, block_used)
+  return y, (x_nbD, a, u, w_gate, w_up, w_down, block_expert, block_used)
+
+
+def _blocks_bwd(res, dy_nbD):
+  """Per block, the SwiGLU backward with that expert's weights; weight gradients are added
+  in place into one [E, ...] accumulator per weight (autodiff of the scan would instead
+  materialise a zero-padded [E, D, F] gradient per block and save every weight slice)."""
+  x_nbD, a_nbF, u_nbF, w_gate, w_up, w_down, block_expert, block_used = res
+
+  def one_block(grads, inputs):
+    xb, a, u, dyb, e, used = inputs
+    def run(_):
+      wg, wu, wd = w_gate[e], w_up[e], w_down[e]
+      sig = jax.nn.sigmoid(a)
+      silu = a * sig
+      dh = dyb @ wd.T
+      da = dh * u * (sig * (1 + a * (1 - sig)))
+      du = dh * silu
+      return (da @ wg.T + du @ wu.T, xb.T @ da, xb.T @ du, (silu * u).T @ dyb)
+    zeros = (jnp.zeros_like(xb), jnp.zeros(w_gate.shape[1:], w_gate.dtype),
+             jnp.zeros(w_up.shape[1:], w_up.dtype), jnp.zeros(w_down.shape[1:], w_down.dtype))
+    dx, dwg, dwu, dwd = jax.lax.cond(used, run, lambda _: zeros, None)
+    g_gate, g_up, g_down = grads
+    return (g_gate.at[e].add(dwg), g_up.at[e].add(dwu), g_down.at[e].add(dwd)), dx
+
+  init = (jnp.zeros_like(w_gate), jnp.zeros_like(w_up), jnp.zeros_like(w_down))
+  (g_gate, g_up, g_down), dx = jax.lax.scan(
+      one_block, init, (x_nbD, a_nbF, u_nbF, dy_nbD, block_expert, block_used))
+  return dx, g_gate, g_up, g_down, None, None
+
+
+_blocks_swiglu.defvjp(_blocks_fwd, _blocks_bwd)
+
+
 def grouped_swiglu(x_ND: jax.Array, w_gate_EDF: jax.Array, w_up_EDF: jax.Array,
                    w_down_EFD: jax.Array, group_sizes_E: jax.Array, *, impl: str = 'auto',
-                   block: int = 256) -> jax.Array:
+                   block: int = 512) -> jax.Array:
   """SwiGLU of expert j on its group of rows; rows past sum(group_sizes) come out 0."""
   if impl not in IMPLS:
     raise ValueError(f'grouped matmul impl {impl!r} is not one of {IMPLS}')

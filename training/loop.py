@@ -17,7 +17,6 @@ import signal
 import time
 
 import jax
-import numpy as np
 from absl import logging
 
 from data import pipeline, tokenizer
