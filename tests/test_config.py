@@ -31,6 +31,7 @@ BAD = [  # (overrides, words the error must contain)
     ({'model.family': 'nope'}, "model.family='nope'"),
     ({'model.attention_impl': 'flash'}, "attention_impl='flash'"),
     ({'eval.batch_size': 4}, 'eval.batch_size=4 is not divisible'),
+    ({'model.vocab_size': 256}, 'vocab_size=256 is smaller than the tokenizer vocabulary'),
 ]
 
 

@@ -68,9 +68,6 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
   schedule, e.g. to test resumption. Returns the last logged scalars.
   """
   validate(config, jax.device_count())
-  if config.model.vocab_size < tokenizer.VOCAB_SIZE:
-    raise ValueError(f'config.model.vocab_size={config.model.vocab_size} is smaller than '
-                     f'the tokenizer vocabulary ({tokenizer.VOCAB_SIZE})')
   mesh = sharding.make_mesh(config.mesh)
   is_chief = jax.process_index() == 0
   logging.info('mesh %s over %d devices (%d processes)', dict(mesh.shape),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from data import tokenizer
 from training import sharding
 
 POSITIVE_INTS = ('total_steps', 'batch_size', 'seq_len', 'log_every', 'checkpoint_every',
@@ -46,6 +47,9 @@ def validate(config, num_devices: int) -> tuple[int, ...]:
     if config[key] not in DTYPES:
       raise ValueError(f'config.{key}={config[key]!r} is not one of {DTYPES}')
   m = config.model
+  if m.vocab_size < tokenizer.VOCAB_SIZE:
+    raise ValueError(f'config.model.vocab_size={m.vocab_size} is smaller than the tokenizer '
+                     f'vocabulary ({tokenizer.VOCAB_SIZE})')
   if m.family not in FAMILIES:
     raise ValueError(f'config.model.family={m.family!r} is not one of {FAMILIES}')
   if m.num_heads * m.head_dim != m.embed_dim:
