@@ -7,8 +7,9 @@ Rows [N, D] are sorted by expert; group j is the next `group_sizes[j]` rows. Two
                 FLOPs), so it is not used there by default.
   'blocks'      MegaBlocks-style: each group is padded to a multiple of `block` rows, the
                 padded rows are cut into blocks that each belong to one expert, and a
-                `lax.scan` over blocks runs one [block, D] x [D, F] SwiGLU per block with
-                that expert's weights. FLOPs ~ (N + E·block)·D·F: near dense cost on CPU.
+                loop over the used blocks runs one [block, D] x [D, F] SwiGLU per block
+                with that expert's weights (custom VJP: weight gradients accumulate in
+                place). FLOPs ~ (N + E·block)·D·F: near dense cost on CPU.
 
 'auto' picks 'ragged_dot' on GPU/TPU and 'blocks' on CPU. Both compute the same function
 (tests/test_dispatch.py compares them with the per-token reference).
@@ -44,65 +45,65 @@ def _swiglu_blocks(x_ND, w_gate, w_up, w_down, sizes_E, block: int):
   xp = jnp.zeros((num_blocks * block, D), x_ND.dtype).at[dest].set(x_ND, mode='drop')
   block_start = jnp.arange(num_blocks) * block
   block_expert = jnp.searchsorted(jnp.cumsum(padded_sizes), block_start, side='right')
-  block_used = block_expert < E  # trailing blocks belong to no expert: skipped
+  num_used = jnp.sum(block_expert < E)  # trailing blocks belong to no expert: skipped
   block_expert = jnp.minimum(block_expert, E - 1)
 
   yp = _blocks_swiglu(xp.reshape(num_blocks, block, D), w_gate, w_up, w_down, block_expert,
-                      block_used)
+                      num_used)
   yp = yp.reshape(num_blocks * block, D)
   return jnp.where(in_group[:, None], yp.at[dest].get(mode='fill', fill_value=0), 0)
 
 
-def _blocks_forward(x_nbD, w_gate, w_up, w_down, block_expert, block_used):
-  """Scan over blocks: y and the pre-activations (a = x W_gate, u = x W_up) per block."""
-  def one_block(_, inputs):
-    xb, e, used = inputs
-    def run(xb):
-      a, u = xb @ w_gate[e], xb @ w_up[e]
-      return (jax.nn.silu(a) * u) @ w_down[e], a, u
-    def skip(xb):
-      zeros = jnp.zeros(xb.shape[:1] + w_gate.shape[2:], xb.dtype)
-      return jnp.zeros_like(xb), zeros, zeros
-    return None, jax.lax.cond(used, run, skip, xb)
-  return jax.lax.scan(one_block, None, (x_nbD, block_expert, block_used))[1]
+def _blocks_forward(x_nbD, w_gate, w_up, w_down, block_expert, num_used):
+  """Loop over the used blocks (a prefix): y and the pre-activations a = x W_gate,
+  u = x W_up per block; blocks past `num_used` stay 0."""
+  nb, b, _ = x_nbD.shape
+  F = w_gate.shape[2]
+
+  def one_block(i, carry):
+    y, a_all, u_all = carry
+    xb, e = x_nbD[i], block_expert[i]
+    a, u = xb @ w_gate[e], xb @ w_up[e]
+    yb = (jax.nn.silu(a) * u) @ w_down[e]
+    return y.at[i].set(yb), a_all.at[i].set(a), u_all.at[i].set(u)
+
+  init = (jnp.zeros_like(x_nbD), jnp.zeros((nb, b, F), x_nbD.dtype),
+          jnp.zeros((nb, b, F), x_nbD.dtype))
+  return jax.lax.fori_loop(0, num_used, one_block, init)
 
 
 @jax.custom_vjp
-def _blocks_swiglu(x_nbD, w_gate, w_up, w_down, block_expert, block_used):
-  """Block i (rows x_nbD[i]) through expert block_expert[i]; unused blocks give 0."""
-  return _blocks_forward(x_nbD, w_gate, w_up, w_down, block_expert, block_used)[0]
+def _blocks_swiglu(x_nbD, w_gate, w_up, w_down, block_expert, num_used):
+  """Block i < num_used (rows x_nbD[i]) through expert block_expert[i]; the rest give 0."""
+  return _blocks_forward(x_nbD, w_gate, w_up, w_down, block_expert, num_used)[0]
 
 
-def _blocks_fwd(x_nbD, w_gate, w_up, w_down, block_expert, block_used):
-  y, a, u = _blocks_forward(x_nbD, w_gate, w_up, w_down, block_expert, block_used)
-  return y, (x_nbD, a, u, w_gate, w_up, w_down, block_expert, block_used)
+def _blocks_fwd(x_nbD, w_gate, w_up, w_down, block_expert, num_used):
+  y, a, u = _blocks_forward(x_nbD, w_gate, w_up, w_down, block_expert, num_used)
+  return y, (x_nbD, a, u, w_gate, w_up, w_down, block_expert, num_used)
 
 
 def _blocks_bwd(res, dy_nbD):
-  """Per block, the SwiGLU backward with that expert's weights; weight gradients are added
-  in place into one [E, ...] accumulator per weight (autodiff of the scan would instead
+  """Per used block, the SwiGLU backward with that expert's weights; weight gradients are
+  added in place into one [E, ...] accumulator per weight (autodiff of a scan would instead
   materialise a zero-padded [E, D, F] gradient per block and save every weight slice)."""
-  x_nbD, a_nbF, u_nbF, w_gate, w_up, w_down, block_expert, block_used = res
+  x_nbD, a_nbF, u_nbF, w_gate, w_up, w_down, block_expert, num_used = res
 
-  def one_block(grads, inputs):
-    xb, a, u, dyb, e, used = inputs
-    def run(_):
-      wg, wu, wd = w_gate[e], w_up[e], w_down[e]
-      sig = jax.nn.sigmoid(a)
-      silu = a * sig
-      dh = dyb @ wd.T
-      da = dh * u * (sig * (1 + a * (1 - sig)))
-      du = dh * silu
-      return (da @ wg.T + du @ wu.T, xb.T @ da, xb.T @ du, (silu * u).T @ dyb)
-    zeros = (jnp.zeros_like(xb), jnp.zeros(w_gate.shape[1:], w_gate.dtype),
-             jnp.zeros(w_up.shape[1:], w_up.dtype), jnp.zeros(w_down.shape[1:], w_down.dtype))
-    dx, dwg, dwu, dwd = jax.lax.cond(used, run, lambda _: zeros, None)
-    g_gate, g_up, g_down = grads
-    return (g_gate.at[e].add(dwg), g_up.at[e].add(dwu), g_down.at[e].add(dwd)), dx
+  def one_block(i, carry):
+    dx, g_gate, g_up, g_down = carry
+    xb, a, u, dyb, e = x_nbD[i], a_nbF[i], u_nbF[i], dy_nbD[i], block_expert[i]
+    wg, wu, wd = w_gate[e], w_up[e], w_down[e]
+    sig = jax.nn.sigmoid(a)
+    silu = a * sig
+    dh = dyb @ wd.T
+    da = dh * u * (sig * (1 + a * (1 - sig)))
+    du = dh * silu
+    return (dx.at[i].set(da @ wg.T + du @ wu.T), g_gate.at[e].add(xb.T @ da),
+            g_up.at[e].add(xb.T @ du), g_down.at[e].add((silu * u).T @ dyb))
 
-  init = (jnp.zeros_like(w_gate), jnp.zeros_like(w_up), jnp.zeros_like(w_down))
-  (g_gate, g_up, g_down), dx = jax.lax.scan(
-      one_block, init, (x_nbD, a_nbF, u_nbF, dy_nbD, block_expert, block_used))
+  init = (jnp.zeros_like(x_nbD), jnp.zeros_like(w_gate), jnp.zeros_like(w_up),
+          jnp.zeros_like(w_down))
+  dx, g_gate, g_up, g_down = jax.lax.fori_loop(0, num_used, one_block, init)
   return dx, g_gate, g_up, g_down, None, None
 
 
@@ -111,7 +112,7 @@ _blocks_swiglu.defvjp(_blocks_fwd, _blocks_bwd)
 
 def grouped_swiglu(x_ND: jax.Array, w_gate_EDF: jax.Array, w_up_EDF: jax.Array,
                    w_down_EFD: jax.Array, group_sizes_E: jax.Array, *, impl: str = 'auto',
-                   block: int = 512) -> jax.Array:
+                   block: int = 256) -> jax.Array:
   """SwiGLU of expert j on its group of rows; rows past sum(group_sizes) come out 0."""
   if impl not in IMPLS:
     raise ValueError(f'grouped matmul impl {impl!r} is not one of {IMPLS}')
