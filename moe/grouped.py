@@ -35,16 +35,17 @@ def _swiglu_blocks(x_ND, w_gate, w_up, w_down, sizes_E, block: int):
   block = max(1, min(block, N))
   num_blocks = -(-N // block) + E  # enough for N rows plus each group's padding
   padded_sizes = -(-sizes_E // block) * block  # [E]
-  starts = jnp.cumsum(sizes_E) - sizes_E  # group start in the sorted rows
-  padded_starts = jnp.cumsum(padded_sizes) - padded_sizes  # group start in padded rows
+  ends, padded_ends = jnp.cumsum(sizes_E), jnp.cumsum(padded_sizes)
+  starts = ends - sizes_E  # group start in the sorted rows
+  padded_starts = padded_ends - padded_sizes  # group start in padded rows
   row = jnp.arange(N)
-  group = jnp.searchsorted(jnp.cumsum(sizes_E), row, side='right')  # E for spare rows
+  group = jnp.searchsorted(ends, row, side='right')  # E for spare rows
   in_group = group < E
   g = jnp.minimum(group, E - 1)
   dest = jnp.where(in_group, padded_starts[g] + row - starts[g], num_blocks * block)
   xp = jnp.zeros((num_blocks * block, D), x_ND.dtype).at[dest].set(x_ND, mode='drop')
   block_start = jnp.arange(num_blocks) * block
-  block_expert = jnp.searchsorted(jnp.cumsum(padded_sizes), block_start, side='right')
+  block_expert = jnp.searchsorted(padded_ends, block_start, side='right')
   num_used = jnp.sum(block_expert < E)  # trailing blocks belong to no expert: skipped
   block_expert = jnp.minimum(block_expert, E - 1)
 

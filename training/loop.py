@@ -99,6 +99,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
                    out_shardings=(layout.shardings, None), donate_argnums=0)
 
   end = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
+  schedule = state_lib.lr_schedule(config)  # for logging; the optimizer holds its own
   writer = metrics.MetricWriter(workdir, enabled=is_chief)
   spec = state_lib.model_spec(config)
   rates = metrics.Throughput(config.batch_size * config.seq_len,
@@ -135,7 +136,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
           pending = []
         if is_log:
           last = metrics.summarise(interval, names)
-          last['train/lr'] = float(state_lib.lr_schedule(config)(step - 1))
+          last['train/lr'] = float(schedule(step - 1))
           if step > start + 1:
             last.update(rates.measure(step))
           writer.write(step, last)
