@@ -108,21 +108,37 @@ class MoELayer(nnx.Module):
     return y, {**metrics, **stats}
 
   def _dispatch(self, x_GSD, route: routing.Routing):
-    spec, n_shards = self.spec, parallel.expert_axis_size()
-    if spec.dispatch == 'dropless' and n_shards == 1:
-      return dispatch.dropless_dispatch_combine(x_GSD, route, self.experts)
-    # Padded buffers. Dropless under expert parallelism: capacity = S, nothing is dropped.
+    spec = self.spec
     S = x_GSD.shape[1]
     capacity = S if spec.dispatch == 'dropless' else spec.router.capacity(S, spec.num_experts)
-    if n_shards == 1:
-      expert_fn = self.experts.dense_apply
-    else:
-      E, G = spec.num_experts, x_GSD.shape[0]
+    return run_experts(x_GSD, route, self.experts, dropless=spec.dispatch == 'dropless',
+                       capacity=capacity, dtype=self.dtype)
 
-      def expert_fn(buffers):  # [E, G*C, D] -> [E, G*C, D], experts on their devices
-        out = parallel.expert_parallel_swiglu(
-            buffers.reshape(E, G, capacity, -1), self.experts.w_gate[...],
-            self.experts.w_up[...], self.experts.w_down[...], self.dtype)
-        return out.reshape(E, G * capacity, -1)
-    return dispatch.capacity_dispatch_combine(x_GSD, route, expert_fn, capacity,
-                                              dtype=self.dtype)
+
+def run_experts(x_GSD: jax.Array, route: routing.Routing, experts: Experts, *,
+                dropless: bool, capacity: int, dtype):
+  """y [G, S, D] = sum over the routing's pairs of weight * expert(x); returns (y, stats).
+
+  dropless: every valid pair is computed, and `capacity` must bound the valid pairs of any
+  one expert in any one group (S for token choice; the routing's own capacity for routers
+  that already cap each expert, like MoMa's group expert choice). Otherwise pairs beyond
+  `capacity` per expert and group are dropped first-come (capacity dispatch).
+
+  One device: dropless = sort + grouped matmul, capacity = padded buffers. Under expert
+  parallelism (mesh axis `expert` > 1) both use the padded all_to_all path of
+  moe/parallel.py with that capacity, so a dropless layer drops nothing there either.
+  """
+  n_shards = parallel.expert_axis_size()
+  if dropless and n_shards == 1:
+    return dispatch.dropless_dispatch_combine(x_GSD, route, experts)
+  if n_shards == 1:
+    expert_fn = experts.dense_apply
+  else:
+    E, G = experts.num_experts, x_GSD.shape[0]
+
+    def expert_fn(buffers):  # [E, G*C, D] -> [E, G*C, D], experts on their devices
+      out = parallel.expert_parallel_swiglu(
+          buffers.reshape(E, G, capacity, -1), experts.w_gate[...], experts.w_up[...],
+          experts.w_down[...], dtype)
+      return out.reshape(E, G * capacity, -1)
+  return dispatch.capacity_dispatch_combine(x_GSD, route, expert_fn, capacity, dtype=dtype)
