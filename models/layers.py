@@ -23,6 +23,14 @@ from training.sharding import constrain
 
 Initializer = nnx.initializers.Initializer
 
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def dtype_of(name: str):
+  if name not in DTYPES:
+    raise ValueError(f'unknown dtype {name!r}; choose one of {sorted(DTYPES)}')
+  return DTYPES[name]
+
 
 def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequence[str],
           dtype) -> nnx.Param:
@@ -90,8 +98,10 @@ class Attention(nnx.Module):
     self.wo = param(rngs, fan_in_init(num_heads * head_dim), (num_heads, head_dim, embed_dim),
                     ('heads', 'head_dim', 'embed'), param_dtype)
 
-  def __call__(self, x_BTD: jax.Array, rope_sin_cos) -> jax.Array:
-    """`rope_sin_cos` from `rope_tables` (shared by all layers)."""
+  def __call__(self, x_BTD: jax.Array, rope_sin_cos, mask_BTT: jax.Array | None = None
+               ) -> jax.Array:
+    """`rope_sin_cos` from `rope_tables` (shared by all layers). `mask_BTT` (bool, query x
+    key) further restricts the causal mask; every query must keep at least one key."""
     B, T, D = x_BTD.shape
     x = x_BTD.astype(self.dtype).reshape(B * T, D)  # 2-D matmuls: see SwiGLU
     def project(w):  # [D, heads, K] -> [B, T, heads, K]
@@ -102,7 +112,8 @@ class Attention(nnx.Module):
     k = constrain(apply_rope(project(self.wk), rope_sin_cos),
                   ('batch', 'length', 'act_kv_heads', None))
     v = constrain(project(self.wv), ('batch', 'length', 'act_kv_heads', None))
-    o = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+    mask = None if mask_BTT is None else mask_BTT[:, None]
+    o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
                                      implementation=self.implementation)
     o = constrain(o, ('batch', 'length', 'act_heads', None))
     wo = self.wo[...].astype(self.dtype)

@@ -7,9 +7,10 @@
 
 Routing groups are `group_size` consecutive tokens of the flattened batch (0 = one sequence
 per group), a property of the data, so the function is the same on every mesh. Under
-expert parallelism (mesh axis `expert` > 1) the padded all_to_all path of moe/parallel.py
-runs; a dropless layer then uses capacity = group size (no token can be dropped), which
-keeps it equal to the single-device dropless result.
+expert parallelism (mesh axis `expert` > 1) a dropless layer sends only its real rows with
+a ragged all-to-all on GPU/TPU; elsewhere (CPU) and for capacity dispatch the padded
+all_to_all path of moe/parallel.py runs, a dropless layer then with capacity = group size
+(no token can be dropped). Either way the result equals the single-device one.
 
 Returns `(y, aux)`; aux holds `aux_loss` (already weighted: it is added to the training
 loss), the router metrics and the dispatch stats.
@@ -125,12 +126,19 @@ def run_experts(x_GSD: jax.Array, route: routing.Routing, experts: Experts, *,
   `capacity` per expert and group are dropped first-come (capacity dispatch).
 
   One device: dropless = sort + grouped matmul, capacity = padded buffers. Under expert
-  parallelism (mesh axis `expert` > 1) both use the padded all_to_all path of
-  moe/parallel.py with that capacity, so a dropless layer drops nothing there either.
+  parallelism (mesh axis `expert` > 1) a dropless layer moves only its real rows with a
+  ragged all-to-all where `parallel.ragged_exchange()` gives one (GPU/TPU by default;
+  `parallel.RAGGED_EP`); otherwise, and for capacity dispatch, the padded all_to_all path
+  of moe/parallel.py runs with that capacity, so a dropless layer drops nothing there either.
   """
   n_shards = parallel.expert_axis_size()
   if dropless and n_shards == 1:
     return dispatch.dropless_dispatch_combine(x_GSD, route, experts)
+  exchange = parallel.ragged_exchange() if dropless else None
+  if exchange is not None:
+    return parallel.ragged_expert_parallel(
+        x_GSD, route, experts.w_gate[...], experts.w_up[...], experts.w_down[...], dtype,
+        exchange=exchange, impl=experts.grouped_impl)
   if n_shards == 1:
     expert_fn = experts.dense_apply
   else:

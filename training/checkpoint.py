@@ -47,6 +47,11 @@ class Checkpointer:
         data=ocp.args.JsonRestore()))
     return out['state'], out['data']
 
+  def read_config(self, step: int) -> dict:
+    """The config (as a dict) the run that wrote `step` was started with."""
+    out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return out['meta']['config']
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

@@ -21,6 +21,7 @@ from absl import logging
 
 from data import pipeline, tokenizer
 from training import checkpoint, flops, metrics, sharding, state as state_lib, step as step_lib
+from training import warm_start
 from training.validate import validate
 
 
@@ -74,6 +75,8 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
                jax.device_count(), jax.process_count())
 
   layout = state_lib.state_layout(config, mesh)
+  main_workdir, workdir = workdir, warm_start.run_dir(config, workdir)
+  stage = config.get('stage', 'main')
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.max_checkpoints)
   data_iter = pipeline.make_train_iterator(
       config.data, seq_len=config.seq_len, global_batch_size=config.batch_size,
@@ -86,6 +89,9 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
     state, data_state = ckpt.restore(start, layout.abstract)
     data_iter.set_state(data_state)
     start = int(start)
+  elif stage == 'aux':
+    state, _ = warm_start.aux_stage_state(config, layout, main_workdir)
+    start = 0
   else:
     state, start = state_lib.init_state(config, layout), 0
   n_params = state_lib.count_params(state['params'])
@@ -93,7 +99,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
 
   names = tokenizer.MODALITIES
   step_fn = functools.partial(step_lib.train_step, graphdef=layout.graphdef, tx=layout.tx,
-                              num_modalities=len(names), seed=config.seed)
+                              num_modalities=len(names), seed=config.seed, stage=stage)
   batch_sh = sharding.batch_sharding(mesh)
   jitted = jax.jit(step_fn, in_shardings=(layout.shardings, batch_sh),
                    out_shardings=(layout.shardings, None), donate_argnums=0)

@@ -23,12 +23,14 @@ from training import sharding
 MODEL_FAMILIES: dict[str, Callable[..., nnx.Module]] = {
     'dense': transformer.Decoder,
     'moe': transformer.Decoder,  # the same decoder with MoE FFNs (config.model.moe)
+    'moma': transformer.Decoder,  # with MoMa blocks (config.model.moma)
 }
 
 
 def model_spec(config) -> transformer.DecoderSpec:
   return transformer.spec_from_config(config.model, param_dtype=config.param_dtype,
-                                      compute_dtype=config.compute_dtype)
+                                      compute_dtype=config.compute_dtype,
+                                      stage=config.get('stage', 'main'))
 
 
 def make_model(config, seed: int) -> nnx.Module:
@@ -43,13 +45,31 @@ def lr_schedule(config) -> optax.Schedule:
       decay_steps=config.total_steps, end_value=config.learning_rate * config.end_lr_factor)
 
 
+AUX_ROUTER_KEYS = ('aux_router', 'aux_routers')  # MoMa / MoD causal-inference routers
+
+
+def is_aux_router(path) -> bool:
+  return any(getattr(k, 'key', None) in AUX_ROUTER_KEYS for k in path)
+
+
+def frozen_mask(params, stage: str = 'main'):
+  """True for parameters the stage does not train: stage 'main' trains everything but the
+  auxiliary routers; stage 'aux' trains only them (the main model is frozen)."""
+  aux_stage = stage == 'aux'
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: is_aux_router(path) != aux_stage, params)
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping; weight decay on matrices only (not norms/biases)."""
+  """AdamW with global-norm clipping; weight decay on matrices only (not norms/biases).
+  Frozen parameters (`frozen_mask`) get exactly zero updates (no decay drift either)."""
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  stage = config.get('stage', 'main')
   return optax.chain(
       optax.clip_by_global_norm(config.grad_clip),
       optax.adamw(lr_schedule(config), b1=config.adam_b1, b2=config.adam_b2,
-                  eps=config.adam_eps, weight_decay=config.weight_decay, mask=decay_mask))
+                  eps=config.adam_eps, weight_decay=config.weight_decay, mask=decay_mask),
+      optax.masked(optax.set_to_zero(), lambda params: frozen_mask(params, stage)))
 
 
 @dataclasses.dataclass(frozen=True)

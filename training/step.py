@@ -1,9 +1,13 @@
 """Loss, train step and eval step (pure functions; the loop jits them with shardings).
 
-Loss = masked next-token cross-entropy over all modalities (mean over unmasked tokens)
-+ the sum of the model's auxiliary losses (`aux` keys ending in `aux_loss`, already weighted
-by their config coefficients). Per-modality loss and accuracy are reported by the modality
-of the TARGET token.
+Loss (stage 'main') = masked next-token cross-entropy over all modalities (mean over
+unmasked tokens) + the sum of the model's auxiliary losses (`aux` keys ending in `aux_loss`,
+already weighted by their config coefficients). Per-modality loss and accuracy are reported
+by the modality of the TARGET token.
+
+Loss (stage 'aux', MoMa) = the mean over layers of the auxiliary routers' BCE against the
+batch routing (`aux` keys ending in `aux_router_loss`); the main model is frozen by the
+optimizer (training/state.py), and the cross-entropy is still reported.
 """
 
 from __future__ import annotations
@@ -33,11 +37,21 @@ def aux_loss_total(aux: dict) -> jax.Array:
   return sum(terms, jnp.zeros((), jnp.float32))
 
 
-def loss_fn(params, graphdef, batch, num_modalities: int, rng=None):
+def aux_router_loss(aux: dict) -> jax.Array:
+  terms = [v for k, v in aux.items() if k.endswith('aux_router_loss')]
+  if not terms:
+    raise ValueError("stage 'aux' needs a model with auxiliary routers (MoMa with "
+                     'expert-choice groups of more than one expert, or MoD)')
+  return sum(terms) / len(terms)
+
+
+def loss_fn(params, graphdef, batch, num_modalities: int, rng=None, stage: str = 'main'):
   model = nnx.merge(graphdef, params)
   logits, aux = model(batch, rng)
   stats = token_stats(logits, batch, num_modalities)
   ce = stats['loss_sum'].sum() / jnp.maximum(stats['count'].sum(), 1.0)
+  if stage == 'aux':
+    return aux_router_loss(aux), (ce, stats, aux)
   return ce + aux_loss_total(aux), (ce, stats, aux)
 
 
@@ -46,7 +60,7 @@ def _global_norm(tree) -> jax.Array:
 
 
 def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation,
-               num_modalities: int, seed: int = 0):
+               num_modalities: int, seed: int = 0, stage: str = 'main'):
   """One optimizer step. Returns the new state and scalar/vector metrics (on device).
 
   Stochastic parts of the model (router jitter) draw from fold_in(key(seed), step), so a
@@ -55,7 +69,7 @@ def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation,
   rng = jax.random.fold_in(jax.random.key(seed), state['step'])
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (loss, (ce, stats, aux)), grads = grad_fn(state['params'], graphdef, batch, num_modalities,
-                                            rng)
+                                            rng, stage)
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
   metrics = {

@@ -17,7 +17,8 @@ POSITIVE_INTS = ('total_steps', 'batch_size', 'seq_len', 'log_every', 'checkpoin
                  'model.num_kv_heads', 'model.head_dim', 'model.mlp_dim', 'model.vocab_size',
                  'eval.batch_size')
 DTYPES = ('float32', 'bfloat16', 'float16')
-FAMILIES = ('dense', 'moe')
+FAMILIES = ('dense', 'moe', 'moma')
+STAGES = ('main', 'aux')
 
 
 def _get(config, dotted: str):
@@ -84,6 +85,8 @@ def validate(config, num_devices: int) -> tuple[int, ...]:
                      f"mesh.fsdp={sizes['fsdp']}")
   if m.family == 'moe':
     _validate_moe(config, sizes)
+  if m.family == 'moma':
+    _validate_moma(config, sizes)
   return shape
 
 
@@ -108,3 +111,40 @@ def _validate_moe(config, sizes) -> None:
   if groups % shards:
     raise ValueError(f'{groups} routing groups of model.moe.group_size={group} tokens do not '
                      f'split over the {shards} batch shards')
+
+
+def _validate_moma(config, sizes) -> None:
+  from models import mod as mod_lib, moma as moma_lib, transformer
+  mm = config.model.moma
+  if config.stage not in STAGES:
+    raise ValueError(f'config.stage={config.stage!r} is not one of {STAGES}')
+  for key in ('mlp_dim', 'k', 'group_sequences'):
+    if not isinstance(mm[key], int) or mm[key] <= 0:
+      raise ValueError(f'config.model.moma.{key} must be a positive integer, got {mm[key]!r}')
+  if not isinstance(mm.shared_experts, int) or mm.shared_experts < 0:
+    raise ValueError(f'config.model.moma.shared_experts must be >= 0, got '
+                     f'{mm.shared_experts!r}')
+  for key in ('capacity', 'shared_capacity'):
+    if str(mm[key]) != '':
+      try:
+        float(mm[key])
+      except ValueError:
+        raise ValueError(f"config.model.moma.{key}={mm[key]!r} is not a number or ''") from None
+  spec = transformer.moma_spec_from_config(mm)  # parses groups: clear errors
+  moma_lib.check_spec(spec, expert_shards=sizes['expert'])
+  if mm.mod.enabled:
+    mod_lib.check_spec(transformer.mod_spec_from_config(mm.mod))
+  if mm.mlp_dim % sizes['tensor']:
+    raise ValueError(f"config.model.moma.mlp_dim={mm.mlp_dim} is not divisible by "
+                     f"mesh.tensor={sizes['tensor']}")
+  shards = sizes['data'] * sizes['fsdp'] * sizes['expert']
+  if config.batch_size % mm.group_sequences or (
+      config.batch_size // mm.group_sequences) % shards:
+    raise ValueError(f'config.model.moma.group_sequences={mm.group_sequences}: the '
+                     f'batch of {config.batch_size} must split into routing groups that '
+                     f'split over the {shards} batch shards')
+  if config.stage == 'aux' and not spec.aux_groups() and not mm.mod.enabled:
+    raise ValueError(f"config.stage='aux' trains auxiliary routers, but groups="
+                     f"{mm.groups!r} with router={mm.router!r} and no MoD has none")
+  if config.stage == 'aux' and config.upcycle_from:
+    raise ValueError("config.upcycle_from applies to the main stage, not stage='aux'")

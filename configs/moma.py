@@ -1,0 +1,69 @@
+"""MoMa: modality-aware experts (per-modality expert groups with expert-choice routing),
+mixture-of-depths and auxiliary routers for causal inference (models/moma.py, models/mod.py,
+docs/moma.md).
+
+Run (2 CPU cores, a few minutes each):
+  python train.py --config=configs/moma.py:tiny --workdir=runs/moma_tiny
+  python train.py --config=configs/moma.py:tiny,stage=aux --workdir=runs/moma_tiny
+  python eval.py --config=configs/moma.py:tiny --workdir=runs/moma_tiny
+The second command trains the auxiliary routers of the trained model (main model frozen) in
+runs/moma_tiny/aux/; eval.json then has a `causal_loss` next to each modality's `loss`.
+
+Args: a size from configs/common.py SIZES, then variants:
+  groups=4t4i     experts per modality: 1t1i (modality-untied FFN), 4t4i, 7t1i, ...
+  mod=0|1         mixture-of-depths in alternating layers from layer 0
+  router=expert_choice|topk   routing inside each group
+  shared=0        MoIIE: a pool of N experts shared by all modalities (expert choice)
+  norm=res_post|pre
+  stage=main|aux  aux: train the auxiliary routers of the model in WORKDIR
+  upcycle_from=DIR  start from DIR's latest checkpoint (a dense or 1t1i run): each
+                  modality's FFN copied into its experts, fresh schedule, DIR's data position
+e.g. `configs/moma.py:tiny,groups=1t1i`, `configs/moma.py:tiny,groups=4t4i,mod=1`.
+"""
+
+import ml_collections
+
+from configs import common
+
+VARIANTS = {'groups': '4t4i', 'mod': '0', 'router': 'expert_choice', 'shared': '0',
+            'norm': 'res_post', 'stage': 'main', 'upcycle_from': ''}
+
+# The auxiliary-router stage (paper: lr 1e-4 -> 1e-6 linear, 1-2k warmup, 5-10k steps at
+# 1.4B; tiny models take a larger rate and fewer steps).
+AUX_STAGE = {'tiny': dict(total_steps=150, learning_rate=3e-3, warmup_steps=10),
+             'small': dict(total_steps=2_000, learning_rate=3e-4, warmup_steps=200),
+             'base': dict(total_steps=5_000, learning_rate=1e-4, warmup_steps=1_000),
+             '1b': dict(total_steps=10_000, learning_rate=1e-4, warmup_steps=2_000)}
+
+
+def get_config(arg: str = 'tiny'):
+  size, v = common.parse_arg(arg, allowed=VARIANTS)
+  c = common.base_config(size)
+  c.model.family = 'moma'
+  c.model.moma = ml_collections.ConfigDict(dict(
+      groups=v['groups'],  # experts per modality
+      capacity='',  # c_e of every modality group; '' = 1 / (experts of the group)
+      router=v['router'],  # expert_choice (paper) | topk (token choice inside groups)
+      k=1,  # topk only
+      mlp_dim=c.model.mlp_dim,  # F of each expert (the dense FFN's width)
+      group_sequences=1,  # sequences per routing group
+      shared_experts=int(v['shared']),  # MoIIE pool size (0 = none)
+      shared_capacity='',  # c of the pool; '' = 1 / shared_experts
+      gumbel=bool(v['upcycle_from']),  # Gumbel-sigmoid routing noise while training
+      load_balance_coef=0.01,  # topk only
+      norm=v['norm'],
+      mod=ml_collections.ConfigDict(dict(
+          enabled=v['mod'] not in ('0', '', 'false', 'False'),
+          capacity=0.25,  # c_d
+          every=2,  # MoD in layers 0, 2, 4, ...
+          scale=True,  # scale the layer's update by the router weight
+      )),
+  ))
+  c.stage = v['stage']  # main | aux
+  c.upcycle_from = v['upcycle_from']  # '' or the workdir of a dense/1t1i run
+  if c.stage == 'aux':
+    c.update(AUX_STAGE[size])
+    c.end_lr_factor = 0.01
+    c.log_every = min(c.log_every, 25)
+    c.checkpoint_every = c.total_steps
+  return c

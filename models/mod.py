@@ -1,0 +1,98 @@
+"""Mixture-of-depths (Raposo et al. 2024), "staged" as in MoMa: before the modality split.
+
+In a MoD layer a router `g = sigmoid(x w)`, w [D, 1], scores every token; per sequence the
+top `k = round(c_d * T)` tokens (c_d = 0.25 by default) go through the layer (attention and
+FFN), the others skip it unchanged:
+
+    selected i:  x_i + g_i * (layer(x_sel)_i - x_i)    (scale=True: the Raposo et al. form,
+                 x_i +       (layer(x_sel)_i - x_i)     which gives w its gradient; default)
+    skipped i:   x_i                                    (exactly)
+
+`layer(x_sel)` runs on the gathered [B, k, D] selection in position order, with the tokens'
+own RoPE positions, so causal attention among the selected tokens is the same as masking
+the others out of the full sequence - k/T of the compute.
+
+Causal inference: top-k over the sequence sees the future. An `AuxRouter` (W1 [D, D/2],
+W2 [D/2, 1], trained in the aux stage with BCE against the top-k selection) decides per
+token instead: selected iff its score > 0.5. With a data-dependent count the layer then runs
+on the full sequence with the unselected tokens masked out of attention (every query keeps
+itself as a key, so no row is empty; unselected outputs are discarded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class MoDSpec:
+  capacity: float = 0.25  # c_d: fraction of each sequence's tokens through a MoD layer
+  every: int = 2  # layer i is a MoD layer iff i % every == 0 (alternating from layer 0)
+  scale: bool = True  # multiply the layer's update by the router weight g
+
+  def is_mod_layer(self, i: int) -> bool:
+    return i % self.every == 0
+
+  def num_selected(self, seq_len: int) -> int:
+    return max(1, min(seq_len, round(self.capacity * seq_len)))
+
+
+def check_spec(spec: MoDSpec) -> None:
+  if not 0 < spec.capacity <= 1:
+    raise ValueError(f'model.moma.mod.capacity must be in (0, 1], got {spec.capacity}')
+  if spec.every < 1:
+    raise ValueError(f'model.moma.mod.every must be >= 1, got {spec.every}')
+
+
+class MoD(nnx.Module):
+  """Router (+ auxiliary router) of one MoD layer; `__call__` wraps the layer's function."""
+
+  def __init__(self, spec: MoDSpec, *, embed_dim: int, param_dtype, rngs: nnx.Rngs,
+               aux_router: nnx.Module):
+    self.spec = spec
+    self.router = layers.param(rngs, nnx.initializers.normal(embed_dim ** -0.5),
+                               (embed_dim, 1), ('embed', None), param_dtype)
+    self.aux_router = aux_router
+
+  def __call__(self, layer_fn, x_BTD, sin_cos, modality_BT, *, causal=False,
+               train_aux=False):
+    """`layer_fn(x, sin_cos, modality, member, attn_mask) -> (y, aux)` is the wrapped layer
+    (attention + FFN with their residuals). Returns (x_out, aux)."""
+    B, T, D = x_BTD.shape
+    logits = (x_BTD.astype(jnp.float32) @ self.router[...].astype(jnp.float32))[..., 0]
+    gate = jax.nn.sigmoid(logits)  # [B, T]
+    if causal:
+      chosen = self.aux_router(jax.lax.stop_gradient(x_BTD))[..., 0] > 0
+      mask = chosen[:, None, :] | jnp.eye(T, dtype=bool)[None]
+      y, aux = layer_fn(x_BTD, sin_cos, modality_BT, chosen, mask)
+      scale = gate[..., None] if self.spec.scale else 1.0
+      out = jnp.where(chosen[..., None], x_BTD + scale * (y - x_BTD), x_BTD)
+      aux = {**aux, 'mod/selected_fraction': jnp.mean(chosen.astype(jnp.float32))}
+      return out.astype(x_BTD.dtype), aux
+    k = self.spec.num_selected(T)
+    _, idx = jax.lax.top_k(logits, k)
+    idx = jnp.sort(idx, axis=-1)  # position order: causal attention among the selected
+    take = lambda a: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)),
+                                         axis=1)
+    x_sel = take(x_BTD)
+    sin_cos_sel = tuple(take(t) for t in sin_cos)
+    y, aux = layer_fn(x_sel, sin_cos_sel, take(modality_BT), None, None)
+    delta = y - x_sel
+    if self.spec.scale:
+      delta = delta * take(gate)[..., None].astype(delta.dtype)
+    out = x_BTD.at[jnp.arange(B)[:, None], idx].add(delta.astype(x_BTD.dtype))
+    chosen = jnp.zeros((B, T), jnp.float32).at[jnp.arange(B)[:, None], idx].set(1.0)
+    aux = {**aux, 'mod/selected_fraction': jnp.mean(chosen)}
+    if train_aux:
+      aux_logits = self.aux_router(jax.lax.stop_gradient(x_BTD))[..., 0]
+      aux['mod/aux_router_loss'] = jnp.mean(optax.sigmoid_binary_cross_entropy(
+          aux_logits, chosen))
+      aux['mod/aux_router_accuracy'] = jnp.mean(((aux_logits > 0) == (chosen > 0)))
+    return out, aux
