@@ -1,6 +1,11 @@
 """Evaluate the latest checkpoint in --workdir: writes WORKDIR/eval.json and loss-curve plots.
 
   python eval.py --config=configs/dense.py:tiny --workdir=runs/dense_tiny
+
+MoMa (configs/moma.py, the same config arg as training's main stage): eval.json also has
+each layer's expert load per modality (plotted in WORKDIR/routing_load.png) and, once the
+aux stage has trained into WORKDIR/aux/, `causal_loss` / `causal_accuracy` per modality
+from the auxiliary routers' causal routing. Layout: training/evaluate.py.
 """
 
 import json

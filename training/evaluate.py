@@ -2,15 +2,39 @@
 
 eval.json:
   {"step": N,
-   "modalities": {"text": {"loss", "unigram_loss", "accuracy", "tokens"}, "image": {...}},
-   "routing": {"layers": [{"layer": i, "expert_load": [E], "dropped_fraction", ...}]}}
-  (`routing` only for models with MoE layers: the router metrics averaged over the eval
-  batches; `expert_load[j]` = share of the layer's token-expert pairs routed to expert j)
+   "modalities": {"text": {"loss", "unigram_loss", "accuracy", "tokens",
+                           "causal_loss", "causal_accuracy"},       # causal_*: MoMa, below
+                  "image": {...}},
+   "aux_step": K,                  # MoMa with an aux run: the aux checkpoint evaluated
+   "causal_loss_note": "...",      # MoMa: why there is no causal_loss despite an aux run
+   "routing": {"layers": [{"layer": i, "expert_load": [E], "dropped_fraction", ...,
+                           "load": {"text": {"text/0": f, ..., "image/3": f}, "image": ...},
+                           "mod_selected_fraction": f,
+                           "causal_load": {...}, "causal_mod_selected_fraction": f}]}}
 
 `loss` is the mean next-token cross-entropy (nats) over that modality's target tokens of
 the eval split; `unigram_loss` is the entropy of those same target tokens under their own
 unigram distribution on the eval split: the loss of the best context-free predictor, so a
 model below it has learnt to use context. `accuracy` is top-1 next-token accuracy.
+
+`routing` (models with MoE or MoMa layers): each layer's router metrics averaged over the
+eval batches; `expert_load[j]` = share of the layer's token-expert pairs routed to expert j.
+MoMa layers also give `load[m][e]`: the fraction of modality m's tokens (every position,
+padding included) that expert e processed - 0.0 exactly off m's own group, about c_e on it;
+in a mixture-of-depths layer the fraction is of the tokens the MoD router selected, and
+`mod_selected_fraction` is that selected share. `loss` always uses the batch (training-time)
+routing, which sees the whole sequence.
+
+MoMa causal inference: when WORKDIR/aux/ holds a checkpoint of the aux stage
+(`train.py --config=...,stage=aux`), the model is evaluated a second time with
+`causal=True`, each token routed by the auxiliary routers alone (the decode-time function):
+`causal_loss`, `causal_accuracy` per modality and `causal_load`,
+`causal_mod_selected_fraction` per layer. The aux run's params hold a frozen copy of the main
+model; if that copy differs from the main checkpoint (the main run went on training after
+the aux stage started), the causal pass is skipped and `causal_loss_note` says so.
+
+Plots (process 0): WORKDIR/loss_curves.png, and for MoMa WORKDIR/routing_load.png (a
+modality x expert heat map of `load` per layer; a second row for `causal_load`).
 """
 
 from __future__ import annotations
@@ -20,12 +44,17 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import nnx
 
 from data import pipeline, tokenizer
 from training import checkpoint, plots, sharding, state as state_lib, step as step_lib
+from training import warm_start
 from training.validate import validate
+
+CAUSAL_KEYS = ('load', 'mod_selected_fraction')  # per-layer metrics reported for causal too
 
 
 def unigram_entropy(counts: np.ndarray) -> float:
@@ -34,9 +63,17 @@ def unigram_entropy(counts: np.ndarray) -> float:
   return float(-(p * np.log(p)).sum())
 
 
-def routing_report(aux: dict[str, np.ndarray]) -> dict:
-  """{'layer_1/expert_load': [E], ...} -> {'layers': [{'layer': 1, 'expert_load': [...],
-  'dropped_fraction': ..., ...}]}, one entry per MoE layer, in layer order."""
+def load_report(load_ME, modality_names, expert_names) -> dict[str, dict[str, float]]:
+  """[M, E] fractions -> {modality: {expert name: fraction}} (MoMa `layer_i/load`)."""
+  load = np.asarray(load_ME, np.float64)
+  if load.shape != (len(modality_names), len(expert_names)):
+    raise ValueError(f'load of shape {load.shape} does not match {len(modality_names)} '
+                     f'modalities x {len(expert_names)} experts {list(expert_names)}')
+  return {m: {e: float(load[i, j]) for j, e in enumerate(expert_names)}
+          for i, m in enumerate(modality_names)}
+
+
+def _layer_entries(aux: dict[str, np.ndarray], modality_names, expert_names) -> dict[int, dict]:
   layers: dict[int, dict] = {}
   for key, value in aux.items():
     layer, _, name = key.partition('/')
@@ -44,8 +81,100 @@ def routing_report(aux: dict[str, np.ndarray]) -> dict:
       continue
     index = int(layer.removeprefix('layer_'))
     entry = layers.setdefault(index, {'layer': index})
-    entry[name] = value.tolist() if value.ndim else float(value)
+    value = np.asarray(value)
+    if name == 'load' and expert_names is not None:
+      entry['load'] = load_report(value, modality_names, expert_names)
+    else:  # MoMa names flatten ('mod/selected_fraction' -> 'mod_selected_fraction')
+      name = name.replace('/', '_') if expert_names is not None else name
+      entry[name] = value.tolist() if value.ndim else float(value)
+  return layers
+
+
+def routing_report(aux: dict[str, np.ndarray], *, modality_names=None,
+                   expert_names=None, causal_aux: dict[str, np.ndarray] | None = None) -> dict:
+  """{'layer_1/expert_load': [E], ...} -> {'layers': [{'layer': 1, 'expert_load': [...],
+  'dropped_fraction': ..., ...}]}, one entry per routed layer, in layer order.
+
+  With `expert_names` (MoMa), `layer_i/load` [M, E] becomes `load` {modality: {expert:
+  fraction}} and nested names flatten with '_'; `causal_aux` (the metrics of the causal
+  pass) adds `causal_load` and `causal_mod_selected_fraction`.
+  """
+  layers = _layer_entries(aux, modality_names, expert_names)
+  if causal_aux is not None:
+    for index, causal in _layer_entries(causal_aux, modality_names, expert_names).items():
+      entry = layers.setdefault(index, {'layer': index})
+      entry.update({f'causal_{k}': causal[k] for k in CAUSAL_KEYS if k in causal})
   return {'layers': [layers[i] for i in sorted(layers)]}
+
+
+def causal_eval_step(params, batch, *, graphdef, num_modalities: int):
+  """`step.eval_step` with the auxiliary routers routing (`Decoder(causal=True)`)."""
+  model = nnx.merge(graphdef, params)
+  logits, aux = model(batch, causal=True)
+  return step_lib.token_stats(logits, batch, num_modalities), aux
+
+
+def _main_weights(params) -> dict[str, jax.Array]:
+  """Every parameter but the auxiliary routers, by path."""
+  return {jax.tree_util.keystr(path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+          if not state_lib.is_aux_router(path)}
+
+
+def stale_reason(main_params, aux_params, mesh) -> str | None:
+  """Why the aux run's copy of the main model is not the main checkpoint's (None: same).
+  The aux stage freezes the main model exactly, so equal means bit-identical."""
+  a, b = _main_weights(main_params), _main_weights(aux_params)
+  if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+    return 'the aux run has another model structure than the main checkpoint'
+  keys = sorted(a)
+  equal = jax.jit(lambda xs, ys: jnp.all(jnp.stack(
+      [jnp.array_equal(x, y) for x, y in zip(xs, ys)])))
+  with jax.set_mesh(mesh):
+    same = bool(equal([a[k] for k in keys], [b[k] for k in keys]))
+  return None if same else ('the main model in the aux run differs from the main checkpoint '
+                            '(the main run trained on after the aux stage started)')
+
+
+def load_aux_params(workdir: str, main_params, main_step: int, mesh):
+  """-> (aux params or None, aux step or None, note or None) for the causal pass."""
+  aux_dir = os.path.join(workdir, warm_start.AUX_DIR)
+  if not os.path.isdir(os.path.join(aux_dir, 'checkpoints')):  # don't create it
+    logging.info('no aux run in %s: no causal evaluation (train it with stage=aux)', aux_dir)
+    return None, None, None
+  try:
+    _, params, _, aux_step = warm_start.restore_params(aux_dir, mesh)
+  except ValueError as e:  # the directory exists but holds no checkpoint yet
+    logging.info('%s: no causal evaluation', e)
+    return None, None, None
+  reason = stale_reason(main_params, params, mesh)
+  if reason:
+    note = (f'causal_loss skipped: {reason}; main step {main_step}, aux step {aux_step}. '
+            f'Retrain the aux stage from this checkpoint (remove {aux_dir}, then '
+            f'train.py --config=...,stage=aux).')
+    logging.warning('%s', note)
+    return None, aux_step, note
+  logging.info('causal evaluation with the aux routers of %s/%d', aux_dir, aux_step)
+  return params, aux_step, None
+
+
+class _Totals:
+  """Per-modality sums and per-layer routing metrics of one pass over the eval split."""
+
+  def __init__(self, num_modalities: int):
+    self.sums = {k: np.zeros(num_modalities) for k in ('loss_sum', 'correct', 'count')}
+    self.routing: dict[str, np.ndarray] = {}
+    self.batches = 0
+
+  def add(self, stats, aux) -> None:
+    for k, v in stats.items():
+      self.sums[k] += v
+    for k, v in aux.items():
+      self.routing[k] = self.routing.get(k, 0) + np.asarray(v, np.float64)
+    self.batches += 1
+
+  def routing_mean(self) -> dict[str, np.ndarray]:
+    return {k: v / self.batches for k, v in self.routing.items()}
 
 
 def evaluate(config, workdir: str) -> dict:
@@ -62,24 +191,29 @@ def evaluate(config, workdir: str) -> dict:
   ckpt.close()
 
   names = tokenizer.MODALITIES
-  eval_fn = jax.jit(functools.partial(step_lib.eval_step, graphdef=layout.graphdef,
-                                      num_modalities=len(names)))
+  moma = state_lib.model_spec(config).moma
+  expert_names = moma.expert_names() if moma is not None else None
+  aux_params = aux_step = note = None
+  if moma is not None:
+    aux_params, aux_step, note = load_aux_params(workdir, state['params'], int(step), mesh)
+
+  fn_args = dict(graphdef=layout.graphdef, num_modalities=len(names))
+  eval_fn = jax.jit(functools.partial(step_lib.eval_step, **fn_args))
+  causal_fn = jax.jit(functools.partial(causal_eval_step, **fn_args))
   batch_sh = sharding.batch_sharding(mesh)
-  totals = {k: np.zeros(len(names)) for k in ('loss_sum', 'correct', 'count')}
+  totals = _Totals(len(names))
+  causal = _Totals(len(names)) if aux_params is not None else None
   unigram = np.zeros((len(names), config.model.vocab_size))
-  routing_sums, num_batches = {}, 0  # per-layer MoE metrics, averaged over batches
   examples = config.eval.num_examples or None
   with jax.set_mesh(mesh):
     for batch in pipeline.make_eval_iterator(
         config.data, seq_len=config.seq_len, batch_size=config.eval.batch_size,
         num_examples=examples, process_index=jax.process_index(),
         process_count=jax.process_count()):
-      stats, aux = jax.device_get(eval_fn(state['params'], sharding.shard_batch(batch, batch_sh)))
-      for k, v in stats.items():
-        totals[k] += v
-      for k, v in aux.items():
-        routing_sums[k] = routing_sums.get(k, 0) + np.asarray(v, np.float64)
-      num_batches += 1
+      device_batch = sharding.shard_batch(batch, batch_sh)
+      totals.add(*jax.device_get(eval_fn(state['params'], device_batch)))
+      if causal is not None:
+        causal.add(*jax.device_get(causal_fn(aux_params, device_batch)))
       mask = batch['loss_mask'] > 0
       for i in range(len(names)):
         sel = mask & (batch['target_modality'] == i)
@@ -91,20 +225,30 @@ def evaluate(config, workdir: str) -> dict:
 
   report = {'step': int(step), 'modalities': {}}
   for i, name in enumerate(names):
-    n = totals['count'][i]
+    n = totals.sums['count'][i]
     if n == 0:
       continue
-    report['modalities'][name] = {
-        'loss': float(totals['loss_sum'][i] / n),
+    entry = report['modalities'][name] = {
+        'loss': float(totals.sums['loss_sum'][i] / n),
         'unigram_loss': unigram_entropy(unigram[i]),
-        'accuracy': float(totals['correct'][i] / n),
+        'accuracy': float(totals.sums['correct'][i] / n),
         'tokens': int(n),
     }
-  if routing_sums:
+    if causal is not None:
+      entry['causal_loss'] = float(causal.sums['loss_sum'][i] / n)
+      entry['causal_accuracy'] = float(causal.sums['correct'][i] / n)
+  if aux_step is not None:
+    report['aux_step'] = int(aux_step)
+  if note:
+    report['causal_loss_note'] = note
+  if totals.routing:
     report['routing'] = routing_report(
-        {k: v / num_batches for k, v in routing_sums.items()})
+        totals.routing_mean(), modality_names=names, expert_names=expert_names,
+        causal_aux=causal.routing_mean() if causal is not None else None)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'eval.json'), 'w') as f:
       json.dump(report, f, indent=1)
     plots.plot_loss_curves(workdir, names, report)
+    if moma is not None:
+      plots.plot_routing_load(workdir, report)
   return report

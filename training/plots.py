@@ -1,8 +1,11 @@
-"""Plots written next to a run: per-modality training loss curves from metrics.jsonl."""
+"""Plots written next to a run: per-modality training loss curves from metrics.jsonl, and
+MoMa's per-layer expert load by modality from eval.json."""
 
 from __future__ import annotations
 
 import os
+
+import numpy as np
 
 from training.metrics import read_metrics
 
@@ -34,6 +37,60 @@ def plot_loss_curves(workdir: str, modality_names, report: dict | None = None) -
   ax.legend()
   path = os.path.join(workdir, 'loss_curves.png')
   fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def plot_routing_load(workdir: str, report: dict, *, max_cols: int = 4) -> str | None:
+  """WORKDIR/routing_load.png: per MoMa layer, a modality x expert heat map of the share
+  of each modality's tokens each expert processed (eval.json `routing.layers[i].load`), and
+  below it the causal pass's (`causal_load`) when there is one. Layers wrap after
+  `max_cols` panels. None if the report has no loads."""
+  layers = [e for e in report.get('routing', {}).get('layers', []) if 'load' in e]
+  if not layers:
+    return None
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  passes = [('load', 'batch routing')]
+  if any('causal_load' in e for e in layers):
+    passes.append(('causal_load', 'causal (aux routers)'))
+  matrix = lambda load: (list(load), list(next(iter(load.values()))),
+                         np.array([list(row.values()) for row in load.values()]))
+  vmax = max(max(float(matrix(e[k])[2].max()) for e in layers for k, _ in passes if k in e),
+             1e-9)
+  modalities, experts, _ = matrix(layers[0]['load'])
+  cols = min(max_cols, len(layers))
+  grid_rows = -(-len(layers) // cols) * len(passes)
+  fig, axes = plt.subplots(grid_rows, cols, squeeze=False, layout='constrained',
+                           figsize=(cols * (1.2 + 0.4 * len(experts)) + 1.0,
+                                    grid_rows * (1.4 + 0.45 * len(modalities)) + 0.4))
+  for ax in axes.flat:
+    ax.axis('off')
+  image = None
+  for n, entry in enumerate(layers):
+    for p, (key, label) in enumerate(passes):
+      if key not in entry:
+        continue
+      ax = axes[(n // cols) * len(passes) + p, n % cols]
+      ax.axis('on')
+      rows, names, values = matrix(entry[key])
+      image = ax.imshow(values, vmin=0.0, vmax=vmax, cmap='viridis', aspect='auto')
+      ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+      ax.set_yticks(range(len(rows)), rows, fontsize=8)
+      mod = entry.get('causal_mod_selected_fraction' if p else 'mod_selected_fraction')
+      title = f"layer {entry['layer']}" + (f' (MoD {mod:.0%})' if mod is not None else '')
+      ax.set_title(title + (f', {label}' if len(passes) > 1 else ''), fontsize=8)
+      if values.size <= 64:
+        for (r, c), v in np.ndenumerate(values):
+          ax.text(c, r, f'{v:.2f}', ha='center', va='center', fontsize=6,
+                  color='white' if v < 0.6 * vmax else 'black')
+  fig.colorbar(image, ax=axes, shrink=0.8, label="fraction of the modality's tokens")
+  fig.suptitle(f"{os.path.basename(os.path.abspath(workdir))}: expert load by modality, "
+               f"step {report.get('step')}", fontsize=9)
+  path = os.path.join(workdir, 'routing_load.png')
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
