@@ -16,10 +16,12 @@ repeats alternating with the train step's, and the ratio is the median of the pe
 ratios, so a change in machine load hits both sides alike. Absolute times vary between
 machines and runs: compare the ratios. Results and their reading: docs/benchmarks.md.
 
-With --moe (default) and tiny in --sizes, the train step of configs/moe.py:tiny, with each
-expert's mlp_dim = dense mlp_dim / k (the dense tiny's active FLOPs), is timed in the same
-repeats as dense tiny and its matmul; the last line is `moe/dense step time ratio: X`, the
-median of the per-repeat ratios (docs/moe.md).
+With tiny in --sizes, the train steps of the --families (default moe, moma) at tiny size
+and equal active FLOPs per token are timed in the same repeats as dense tiny and its matmul:
+configs/moe.py:tiny with each expert's mlp_dim = dense mlp_dim / k, and configs/moma.py:tiny
+(4t4i, expert choice with c = 1/4: one expert of width F per token on average). The last
+lines are `moe/dense step time ratio: X` and `moma/dense step time ratio: X`, medians of the
+per-repeat ratios (docs/moe.md, docs/moma.md).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import dense, moe  # noqa: E402
+from configs import dense, moe, moma  # noqa: E402
 from data import tokenizer  # noqa: E402
 from models.transformer import dtype_of  # noqa: E402
 from tests.helpers import random_batch  # noqa: E402
@@ -62,9 +64,9 @@ _MATMUL_DTYPES = flags.DEFINE_list('matmul_dtypes', ['float32', 'bfloat16'],
                                    'Input dtypes of the matmul (accumulation is float32); '
                                    'each config\'s compute dtype is added if missing.')
 _JSON = flags.DEFINE_string('json', '', 'Also write the results to this JSON file.')
-_MOE = flags.DEFINE_bool('moe', True,
-                         'Also time configs/moe.py:tiny with expert mlp_dim = dense mlp_dim / k '
-                         '(equal active FLOPs) in the dense tiny repeats.')
+_FAMILIES = flags.DEFINE_list('families', ['moe', 'moma'],
+                              'Families timed against dense tiny at equal active FLOPs, in '
+                              'the same repeats (moe, moma; empty: none).')
 
 
 def _overrides(pairs: list[str], flag: str) -> dict[str, int]:
@@ -97,6 +99,19 @@ def moe_config_like(dense_config):
     config[key] = dense_config[key]
   config.model.moe.mlp_dim = config.model.mlp_dim // config.model.moe.k
   return config
+
+
+def moma_config_like(dense_config):
+  """configs/moma.py (4t4i, c = 1/4 per group) at the dense config's size, batch, length and
+  dtype: each token goes through one expert of the dense FFN's width on average."""
+  config = moma.get_config(dense_config.size)
+  for key in ('batch_size', 'seq_len', 'compute_dtype'):
+    config[key] = dense_config[key]
+  config.model.moma.mlp_dim = config.model.mlp_dim
+  return config
+
+
+LIKE = {'moe': moe_config_like, 'moma': moma_config_like}
 
 
 def compile_step(config, mesh) -> tuple[Timer, dict]:
@@ -135,11 +150,11 @@ def _row(name: str, config, info: dict, timer: Timer, pairs, mm_flops: float) ->
 
 
 def bench_size(size: str, batch_size: int | None, seq_len: int | None, matmuls: dict,
-               with_moe: bool = False) -> tuple[list[dict], float | None]:
+               families: tuple[str, ...] = ()) -> tuple[list[dict], dict[str, float]]:
   """Compile and time the dense train step of `size` as training/loop.py runs it, with the
   matmul at its compute dtype timed in alternate repeats (load changes hit both alike).
-  `with_moe`: the MoE step of `moe_config_like` joins every repeat. Returns the rows and the
-  median per-repeat MoE / dense step time ratio (None without MoE)."""
+  `families`: their steps (`LIKE[family]`) join every repeat. Returns the rows and the
+  median per-repeat family / dense step time ratio of each family."""
   config = dense.get_config(size)
   config.batch_size = batch_size or config.batch_size
   config.seq_len = seq_len or config.seq_len
@@ -148,11 +163,11 @@ def bench_size(size: str, batch_size: int | None, seq_len: int | None, matmuls: 
   mesh = sharding.make_mesh(config.mesh)
   train, info = compile_step(config, mesh)
   steps = [(f'dense {size}', config, info, train)]
-  if with_moe:
-    moe_config = moe_config_like(config)
-    validate(moe_config, jax.device_count())
-    moe_train, moe_info = compile_step(moe_config, mesh)
-    steps.append((f'moe {size}', moe_config, moe_info, moe_train))
+  for family in families:
+    other = LIKE[family](config)
+    validate(other, jax.device_count())
+    other_train, other_info = compile_step(other, mesh)
+    steps.append((f'{family} {size}', other, other_info, other_train))
   n_mm = _MATMUL_N.value
   if config.compute_dtype not in matmuls:
     matmuls[config.compute_dtype] = {'timer': matmul_timer(n_mm, config.compute_dtype)}
@@ -166,8 +181,9 @@ def bench_size(size: str, batch_size: int | None, seq_len: int | None, matmuls: 
   mm_flops = 2.0 * n_mm ** 3 * jax.device_count()  # the step runs on every device
   rows = [_row(name, c, i, timer, [(r[j], r[-1]) for r in repeats], mm_flops)
           for j, (name, c, i, timer) in enumerate(steps)]
-  moe_ratio = statistics.median(r[1] / r[0] for r in repeats) if with_moe else None
-  return rows, moe_ratio
+  ratios = {family: statistics.median(r[j + 1] / r[0] for r in repeats)
+            for j, family in enumerate(families)}
+  return rows, ratios
 
 
 def main(argv):
@@ -181,11 +197,15 @@ def main(argv):
         f' {os.cpu_count()} host cores')
 
   matmuls = {}  # dtype -> {'timer', 'seconds': per-call seconds of every repeat}
-  rows, moe_ratio = [], None
+  unknown = [f for f in _FAMILIES.value if f not in LIKE]
+  if unknown:
+    raise app.UsageError(f'--families: unknown {unknown}; known: {sorted(LIKE)}')
+  rows, ratios = [], {}
   for size in _SIZES.value:
-    size_rows, ratio = bench_size(size, batch_sizes.get(size), seq_lens.get(size), matmuls,
-                                  with_moe=_MOE.value and size == 'tiny')
-    moe_ratio = ratio if ratio is not None else moe_ratio
+    size_rows, size_ratios = bench_size(
+        size, batch_sizes.get(size), seq_lens.get(size), matmuls,
+        families=tuple(_FAMILIES.value) if size == 'tiny' else ())
+    ratios.update(size_ratios)
     rows.extend(size_rows)
     for row in size_rows:
       print(f'  timed {row["config"]}: {row["step_ms"]:.1f} ms/step '
@@ -222,12 +242,14 @@ def main(argv):
     with open(_JSON.value, 'w') as f:
       json.dump({'jax': jax.__version__, 'devices': [str(d) for d in dev],
                  'device_kind': dev[0].device_kind, 'train_steps': rows,
-                 'matmuls': mm_rows, 'moe_dense_step_time_ratio': moe_ratio}, f, indent=1)
-  if _MOE.value:
-    if moe_ratio is None:
-      print('moe/dense step time ratio: not measured (--moe pairs with tiny in --sizes)')
+                 'matmuls': mm_rows,
+                 **{f'{f}_dense_step_time_ratio': r for f, r in ratios.items()}}, f, indent=1)
+  for family in _FAMILIES.value:
+    if family not in ratios:
+      print(f'{family}/dense step time ratio: not measured (families pair with tiny in '
+            f'--sizes)')
     else:
-      print(f'moe/dense step time ratio: {moe_ratio:.3f}')
+      print(f'{family}/dense step time ratio: {ratios[family]:.3f}')
 
 
 if __name__ == '__main__':

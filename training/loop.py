@@ -92,6 +92,10 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
   elif stage == 'aux':
     state, _ = warm_start.aux_stage_state(config, layout, main_workdir)
     start = 0
+  elif config.get('upcycle_from'):  # first start only: a resume reads its own checkpoint
+    state, data_state, _ = warm_start.upcycle_state(config, layout)
+    data_iter.set_state(data_state)
+    start = 0
   else:
     state, start = state_lib.init_state(config, layout), 0
   n_params = state_lib.count_params(state['params'])

@@ -8,6 +8,7 @@ refused by `config_flags.DEFINE_config_file(lock_config=True)`.)
 from __future__ import annotations
 
 import math
+import os
 
 from data import tokenizer
 from training import sharding
@@ -148,3 +149,17 @@ def _validate_moma(config, sizes) -> None:
                      f"{mm.groups!r} with router={mm.router!r} and no MoD has none")
   if config.stage == 'aux' and config.upcycle_from:
     raise ValueError("config.upcycle_from applies to the main stage, not stage='aux'")
+
+
+def check_upcycle_source(src_dir: str) -> None:
+  """`upcycle_from=DIR` must name a run directory holding a finished checkpoint
+  (DIR/checkpoints/<step>/). Checked when an upcycled run starts (not by `validate`, so a
+  run that already has its own checkpoints resumes even if DIR is gone)."""
+  ckpt_dir = os.path.join(src_dir, 'checkpoints')
+  if not os.path.isdir(src_dir):
+    raise ValueError(f'config.upcycle_from={src_dir!r}: no such directory (give the workdir '
+                     f'of a trained dense or 1t1i run)')
+  steps = [d for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+  if not steps:
+    raise ValueError(f'config.upcycle_from={src_dir!r} has no checkpoint (expected '
+                     f'{ckpt_dir}/<step>/ written by train.py)')

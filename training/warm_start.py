@@ -5,11 +5,14 @@
     frozen (training/state.py). The model settings must match the main run's.
   upcycling (`upcycle_from=DIR`, models/upcycle.py): the run starts from DIR's latest
     checkpoint with its FFNs copied into experts, a fresh optimizer and LR schedule (step 0)
-    and DIR's data position.
+    and DIR's data position. Only the first start does this: once the run has its own
+    checkpoint it resumes from it and ignores `upcycle_from`. DIR, the model shapes and the
+    data stream (seed, batch size, dataset) are checked before any array is read.
 
 A source checkpoint is read with the source's own config (saved in its `meta` item), so its
 optimizer state and model may differ from the new run's; only its params and data position
-are used, laid out on the new run's mesh.
+are used, laid out on the new run's mesh (dims the mesh cannot split, e.g. a 1t1i source's
+2 experts on mesh.expert=8, are read replicated).
 """
 
 from __future__ import annotations
@@ -19,8 +22,12 @@ import os
 import jax
 import ml_collections
 from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from models import upcycle as upcycle_lib
 from training import checkpoint, state as state_lib
+from training.validate import check_upcycle_source
 
 AUX_DIR = 'aux'
 
@@ -30,21 +37,46 @@ def run_dir(config, workdir: str) -> str:
   return os.path.join(workdir, AUX_DIR) if config.get('stage', 'main') == 'aux' else workdir
 
 
-def restore_params(src_workdir: str, mesh):
-  """-> (source config, params on `mesh`, data iterator state, step) of the latest
-  checkpoint in `src_workdir`."""
+def _fit_to_mesh(abstract, mesh):
+  """Replicate the dims a source's layout cannot split on this mesh (e.g. the 2 experts of
+  a 1t1i source when the new run has mesh.expert=8)."""
+  def fit(a):
+    spec = list(a.sharding.spec) + [None] * (a.ndim - len(a.sharding.spec))
+    for d, axes in enumerate(spec):
+      names = (axes,) if isinstance(axes, str) else (axes or ())
+      size = 1
+      for name in names:
+        size *= mesh.shape[name]
+      if a.shape[d] % size:
+        spec[d] = None
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P(*spec)))
+  return jax.tree.map(fit, abstract)
+
+
+def read_source_config(src_workdir: str) -> tuple[ml_collections.ConfigDict, int]:
+  """-> (the config of the latest checkpoint in `src_workdir`, its step); no arrays read."""
   ckpt = checkpoint.Checkpointer(src_workdir)
   try:
     step = ckpt.latest_step()
     if step is None:
       raise ValueError(f'no checkpoint in {ckpt.directory} to start from')
-    src_config = ml_collections.ConfigDict(ckpt.read_config(step))
-    layout = state_lib.state_layout(src_config, mesh)
-    state, data_state = ckpt.restore(step, layout.abstract)
+    return ml_collections.ConfigDict(ckpt.read_config(step)), int(step)
+  finally:
+    ckpt.close()
+
+
+def restore_params(src_workdir: str, mesh):
+  """-> (source config, params on `mesh`, data iterator state, step) of the latest
+  checkpoint in `src_workdir`."""
+  src_config, step = read_source_config(src_workdir)
+  layout = state_lib.state_layout(src_config, mesh)
+  ckpt = checkpoint.Checkpointer(src_workdir)
+  try:
+    state, data_state = ckpt.restore(step, _fit_to_mesh(layout.abstract, mesh))
   finally:
     ckpt.close()
   logging.info('read params of %s/%d (%s)', ckpt.directory, step, src_config.model.family)
-  return src_config, state['params'], data_state, int(step)
+  return src_config, state['params'], data_state, step
 
 
 def model_mismatch(a: dict, b: dict, prefix: str = 'model') -> list[str]:
@@ -77,3 +109,57 @@ def aux_stage_state(config, layout: state_lib.StateLayout, main_workdir: str):
                      + '; '.join(diff[:5]))
   logging.info('stage aux: training the auxiliary routers of %s step %d', main_workdir, step)
   return state_from_params(layout, params), step
+
+
+# What decides which batch comes next (data/pipeline.py: the state is a batch index into
+# the stream of (seed, records, batch size)); the source's position means the same only
+# if these match. seq_len and the encoding may differ.
+DATA_STREAM_KEYS = ('seed', 'batch_size', 'data.tfds_name', 'data.train_split',
+                    'data.num_workers')
+
+
+def _dotted(config, key: str):
+  node = config
+  for part in key.split('.'):
+    node = node.get(part) if hasattr(node, 'get') else None
+  return node
+
+
+def upcycle_state(config, layout: state_lib.StateLayout):
+  """The initial state of a run with `config.upcycle_from=DIR` (models/upcycle.py): DIR's
+  latest params upcycled into the new model, step 0 and a fresh optimizer (so a fresh LR
+  schedule). -> (state, DIR's data iterator state, DIR's step). Everything is checked
+  (DIR, model shapes, data stream) before any array is read."""
+  src_dir = config.upcycle_from
+  check_upcycle_source(src_dir)
+  src_config, src_step = read_source_config(src_dir)
+  src_spec, new_spec = state_lib.model_spec(src_config), state_lib.model_spec(config)
+  try:
+    upcycle_lib.check_compatible(src_spec, new_spec)
+  except ValueError as e:
+    raise ValueError(f'config.upcycle_from={src_dir!r}: {e}') from None
+  diff = [f'{k}: {_dotted(src_config, k)!r} vs {_dotted(config, k)!r}'
+          for k in DATA_STREAM_KEYS if _dotted(src_config, k) != _dotted(config, k)]
+  if diff:
+    raise ValueError(f'config.upcycle_from={src_dir!r}: the data position carries over '
+                     f'only with the same data stream; differs: ' + '; '.join(diff))
+  if not new_spec.moma.gumbel and any(g.routed for g in new_spec.moma.groups):
+    logging.warning('upcycling without Gumbel routing noise (model.moma.gumbel=False): the '
+                    'copied experts of a group start identical')
+
+  _, src_params, data_state, step = restore_params(src_dir, layout.mesh)
+
+  def build(src):
+    fresh = nnx.split(state_lib.make_model(config, config.seed))[1]
+    params = upcycle_lib.upcycle(src_spec, src, new_spec, fresh)
+    return {'step': jax.numpy.zeros((), jax.numpy.int32), 'params': params,
+            'opt_state': layout.tx.init(params)}
+
+  with jax.set_mesh(layout.mesh):
+    state = jax.jit(build, out_shardings=layout.shardings)(src_params)
+  del src_params
+  groups = ', '.join(f'{g.name}:{g.experts}' for g in new_spec.moma.groups)
+  logging.info('upcycled %s step %d (%s, %s) into MoMa groups %s; fresh optimizer and LR '
+               'schedule from step 0; data position %s', src_dir, step,
+               src_config.model.family, upcycle_lib.source_kind(src_spec), groups, data_state)
+  return state, data_state, step

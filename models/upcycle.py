@@ -1,0 +1,157 @@
+"""Upcycling (MoMa paper, SPEC §2): a MoMa model initialised from a trained dense or `1t1i`.
+
+    source (dense | 1t1i MoMa)            new MoMa (any groups, e.g. 4t4i, + shared pool)
+    FFN of modality m          ------->   every expert of modality m's group (a copy)
+    mean of the modality FFNs  ------->   every expert of the shared (MoIIE) pool
+    attention, norms, embed, final norm, LM head   copied unchanged
+    MoD router of layer i      ------->   MoD router of layer i (if both have one there)
+    MoMa routers, aux routers (MoMa and MoD)       the new model's fresh init
+
+A dense source has one FFN that serves every modality; a `1t1i` source has one expert per
+modality group (the modality-untied FFN). The shared pool's experts take the element-wise
+mean of the source's FFN weights over the modalities the pool serves (a weight-space
+average: for a dense source it is exactly the dense FFN, for a `1t1i` source it is not the
+mean of the two FFNs' outputs, SwiGLU being nonlinear; it is a neutral start that Gumbel
+noise and training pull apart). Weights are cast to the new model's param dtype.
+
+`upcycle(src_spec, src_params, new_spec, new_params)` is pure and jit-able (shapes decide
+everything, no values are read): training/warm_start.py runs it under
+`jax.jit(out_shardings=...)`, with the fresh init inside the same jit, so no parameter is
+ever gathered on one device. `check_compatible` raises a clear ValueError first.
+
+The copied experts of one group are identical at step 0; expert choice with the fresh
+router and Gumbel-sigmoid noise (`model.moma.gumbel`, set by configs/moma.py's
+`upcycle_from=`) breaks the symmetry. With `4t4i` and c = 1/4 the upcycled model is not the
+source's function (each expert takes a quarter of its modality's tokens, gated by the
+sigmoid); a `1t1i` target with norm 'pre' from a dense source is exactly the source model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models import moma as moma_lib
+
+FFN_WEIGHTS = ('w_gate', 'w_up', 'w_down')  # SwiGLU [D, F], [D, F], [F, D]; experts add E
+COPIED = ('embed', 'final_norm', 'lm_head')  # top-level params copied unchanged
+COPIED_IN_BLOCK = ('attn_norm', 'attn', 'ffn_norm')  # per-layer params copied unchanged
+SHAPE_KEYS = ('num_layers', 'embed_dim', 'num_heads', 'num_kv_heads', 'head_dim',
+              'vocab_size', 'num_modalities')
+
+
+def source_kind(spec) -> str:
+  """'dense' | 'moma_1t1i'; ValueError for anything else (MoE, several experts a group)."""
+  if spec.moma is None and spec.moe is None:
+    return 'dense'
+  m = spec.moma
+  if m is not None and all(g.experts == 1 and g.name != moma_lib.SHARED for g in m.groups):
+    return 'moma_1t1i'
+  what = ('a MoE model' if spec.moe is not None else
+          f'MoMa with groups {[f"{g.name}:{g.experts}" for g in m.groups]}')
+  raise ValueError(f'upcycling needs a dense or a 1-expert-per-modality MoMa (1t1i, no '
+                   f'shared pool) source, got {what}')
+
+
+def source_ffn_width(spec) -> int:
+  return spec.mlp_dim if spec.moma is None else spec.moma.mlp_dim
+
+
+def source_norm(spec) -> str:
+  return 'pre' if spec.moma is None else spec.moma.norm  # dense Block is pre-norm
+
+
+def check_compatible(src_spec, new_spec) -> None:
+  """ValueError naming every mismatch between a source and an upcycled DecoderSpec."""
+  kind = source_kind(src_spec)
+  if new_spec.moma is None:
+    raise ValueError('upcycling builds a MoMa model: set model.family=moma')
+  problems = [f'model.{k}: source {getattr(src_spec, k)} vs {getattr(new_spec, k)}'
+              for k in SHAPE_KEYS if getattr(src_spec, k) != getattr(new_spec, k)]
+  width = source_ffn_width(src_spec)
+  if width != new_spec.moma.mlp_dim:
+    problems.append(f'model.moma.mlp_dim={new_spec.moma.mlp_dim} (each expert) must equal '
+                    f'the source FFN width {width}')
+  norm = source_norm(src_spec)
+  if norm != new_spec.moma.norm:
+    hint = (' (a dense Block is pre-norm: upcycle it with model.moma.norm=\'pre\', '
+            'configs/moma.py arg norm=pre)' if kind == 'dense' else '')
+    problems.append(f'model.moma.norm={new_spec.moma.norm!r} differs from the source\'s '
+                    f'{norm!r}{hint}')
+  if problems:
+    raise ValueError(f'cannot upcycle this {kind} source into the new model: '
+                     + '; '.join(problems))
+
+
+def expert_sources(src_spec, new_spec) -> tuple[tuple[int, ...], ...]:
+  """Per group of the new model, the indices of the source FFNs its experts come from (one
+  index: a copy; several: their mean). Source FFN index = expert index of a 1t1i source
+  (its groups in modality order), 0 for a dense source."""
+  if source_kind(src_spec) == 'dense':
+    ffn_of = lambda modality: 0
+  else:
+    by_modality = {g.modalities: off for g, off in zip(src_spec.moma.groups,
+                                                        src_spec.moma.offsets)}
+    ffn_of = lambda modality: by_modality[(modality,)]
+  return tuple(tuple(sorted({ffn_of(m) for m in g.modalities})) for g in new_spec.moma.groups)
+
+
+def _cast_like(src_tree, new_tree):
+  return jax.tree.map(lambda s, n: s.astype(n.dtype), src_tree, new_tree)
+
+
+def _experts(src_ffn: dict, new_experts: dict, src_dense: bool, sources, sizes) -> dict:
+  """Stacked expert weights [E_total, ...] of the new layer from the source FFN(s)."""
+  out = {}
+  for name in FFN_WEIGHTS:
+    stack = src_ffn[name][None] if src_dense else src_ffn[name]  # [S, ...]
+    parts = []
+    for idx, n in zip(sources, sizes):
+      if len(idx) == 1:
+        w = stack[idx[0]]
+      else:  # shared pool: mean in float32 over the modality FFNs it serves
+        w = jnp.mean(stack[jnp.asarray(idx)].astype(jnp.float32), axis=0)
+      parts.append(jnp.broadcast_to(w[None], (n,) + w.shape))
+    out[name] = jnp.concatenate(parts, axis=0).astype(new_experts[name].dtype)
+  return out
+
+
+def upcycle_pure(src_spec, src: dict, new_spec, new: dict) -> dict:
+  """`upcycle` on nested pure dicts (`nnx.to_pure_dict`); returns a new dict."""
+  check_compatible(src_spec, new_spec)
+  src_dense = source_kind(src_spec) == 'dense'
+  sources = expert_sources(src_spec, new_spec)
+  sizes = [g.experts for g in new_spec.moma.groups]
+  out = dict(new)
+  for key in COPIED:
+    out[key] = _cast_like(src[key], new[key])
+  out['blocks'] = {}
+  for i in range(new_spec.num_layers):
+    s, n = src['blocks'][i], new['blocks'][i]
+    block = dict(n)  # keeps the fresh routers, aux routers and MoD of the new init
+    for key in COPIED_IN_BLOCK:
+      block[key] = _cast_like(s[key], n[key])
+    src_ffn = s['ffn'] if src_dense else s['ffn']['experts']
+    block['ffn'] = {**n['ffn'], 'experts': _experts(src_ffn, n['ffn']['experts'], src_dense,
+                                                    sources, sizes)}
+    if 'mod' in n and 'mod' in s:  # the same layer was a MoD layer in the source
+      block['mod'] = {**n['mod'], 'router': _cast_like(s['mod']['router'],
+                                                       n['mod']['router'])}
+    out['blocks'][i] = block
+  return out
+
+
+def upcycle(src_spec, src_params, new_spec, new_params):
+  """New params from a source model's (see the module docstring). `src_params` and
+  `new_params` are `nnx.State`s (or pure dicts) of `Decoder(src_spec)` and of a fresh
+  `Decoder(new_spec)`; returns the new model's params in `new_params`'s form. Pure and
+  jit-able; raises ValueError (before any work) when the specs do not fit."""
+  check_compatible(src_spec, new_spec)
+  as_pure = lambda p: nnx.to_pure_dict(p) if isinstance(p, nnx.State) else p
+  pure = upcycle_pure(src_spec, as_pure(src_params), new_spec, as_pure(new_params))
+  if not isinstance(new_params, nnx.State):
+    return pure
+  out = jax.tree.map(lambda x: x, new_params)  # a copy: the caller's state stays as it was
+  nnx.replace_by_pure_dict(out, pure)
+  return out
