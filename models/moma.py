@@ -198,6 +198,49 @@ def _load_balance(probs_GSn, expert_GSk, member_GS):
   return n * jnp.sum(f * p)
 
 
+def max_valid_pairs(spec: MoMaSpec, S: int, causal: bool) -> int:
+  """Static bound on the valid pairs of one routing group of S tokens.
+
+  Groups whose modality sets are disjoint share the S tokens (sum of b_m = S): a group
+  holds at most a_m * b_m + const_m valid pairs (untied: b_m; expert choice:
+  E_m * ceil(b_m c_m) <= E_m c_m b_m + E_m; top-k: k b_m; causal: E_m b_m), so together at
+  most S * max(a_m) + sum(const_m). A group of all modalities (the shared pool) adds its own
+  maximum. P = all pairs when the groups overlap otherwise.
+  """
+  all_mods = set().union(*(g.modalities for g in spec.groups))
+  split = [g for g in spec.groups if set(g.modalities) != all_mods or len(spec.groups) == 1]
+  pool = [g for g in spec.groups if g not in split]
+  seen: set[int] = set()
+  for g in split:
+    if seen & set(g.modalities):
+      return sum(_pairs_per_group(g, S, spec, causal) for g in spec.groups)
+    seen |= set(g.modalities)
+  slope, const = 0.0, 0
+  for g in split:
+    if not g.routed:
+      slope = max(slope, 1.0)
+    elif causal and spec.router == 'expert_choice':
+      slope = max(slope, float(g.experts))
+    elif spec.router == 'topk':
+      slope = max(slope, float(min(spec.k, g.experts)))
+    else:
+      slope, const = max(slope, g.experts * g.capacity), const + g.experts
+  bound = math.floor(S * slope + 1e-6) + const + sum(
+      _pairs_per_group(g, S, spec, causal) for g in pool)
+  return min(bound, sum(_pairs_per_group(g, S, spec, causal) for g in spec.groups))
+
+
+def _pairs_per_group(g: Group, S: int, spec: MoMaSpec, causal: bool) -> int:
+  """P_m: the pairs `_group_pairs` emits for group g (valid or not)."""
+  if not g.routed:
+    return S
+  if causal and spec.router == 'expert_choice':
+    return S * g.experts
+  if spec.router == 'topk':
+    return S * min(spec.k, g.experts)
+  return g.experts * min(S, math.ceil(S * g.capacity - 1e-6))
+
+
 def route(spec: MoMaSpec, logits_GSE, modality_GS, member_GS, aux_logits=None):
   """Routing of all groups -> (Routing, per-expert bound on pairs per group, aux loss).
 
@@ -276,8 +319,9 @@ class MoMaFFN(nnx.Module):
       aux_logits = {i: r(x_aux) for i, r in zip(spec.aux_groups(), self.aux_routers)}
     route_, bound, aux_loss = route(spec, logits, modality, member,
                                     aux_logits if causal else None)
-    y, stats = moe_layer.run_experts(x, route_, self.experts, dropless=True, capacity=bound,
-                                     dtype=self.dtype)
+    y, stats = moe_layer.run_experts(
+        x, route_, self.experts, dropless=True, capacity=bound, dtype=self.dtype,
+        max_valid=max_valid_pairs(spec, S, causal and bool(self.aux_routers)))
     metrics = {'aux_loss': aux_loss, 'expert_load': stats['expert_load'],
                'load': load_by_modality(route_, modality, member, self.num_modalities)}
     if spec.train_aux and not causal and aux_logits:

@@ -134,9 +134,15 @@ def capacity_dispatch_combine(x_GSD: jax.Array, routing: Routing,
   return capacity_combine(expert_fn(buffers), info), capacity_stats(info)
 
 
-def dropless_dispatch_combine(x_GSD: jax.Array, routing: Routing,
-                              experts: Experts) -> tuple[jax.Array, dict[str, jax.Array]]:
+def dropless_dispatch_combine(x_GSD: jax.Array, routing: Routing, experts: Experts, *,
+                              max_valid: int | None = None
+                              ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Dropless MoE with sort + ragged_dot: (y [G, S, D] in x.dtype, stats).
+
+  `max_valid`: a static bound on the valid pairs of one group, when the router guarantees
+  one below P (MoMa's groups: about S, with P = modalities x S). After the sort the valid
+  pairs come first, so only the first G * max_valid rows are gathered, computed and
+  scattered. The bound must hold: valid pairs past it would be lost.
 
   stats: dropped_fraction (always 0, for parity with the capacity path) and expert_load [E]
   (share of valid pairs per expert).
@@ -150,6 +156,8 @@ def dropless_dispatch_combine(x_GSD: jax.Array, routing: Routing,
                 + S * jnp.arange(G, dtype=jnp.int32)[:, None]).reshape(-1)
   key = jnp.where(valid, routing.expert.reshape(-1).astype(jnp.int32), E)  # invalid last
   order = jnp.argsort(key, stable=True)
+  if max_valid is not None and G * max_valid < order.shape[0]:
+    order = order[:G * max_valid]  # valid pairs sort first
   group_sizes = jnp.bincount(key, length=E + 1)[:E].astype(jnp.int32)
   valid_s = valid[order]
   token_s = jnp.where(valid_s, flat_token[order], 0)

@@ -117,7 +117,7 @@ class MoELayer(nnx.Module):
 
 
 def run_experts(x_GSD: jax.Array, route: routing.Routing, experts: Experts, *,
-                dropless: bool, capacity: int, dtype):
+                dropless: bool, capacity: int, dtype, max_valid: int | None = None):
   """y [G, S, D] = sum over the routing's pairs of weight * expert(x); returns (y, stats).
 
   dropless: every valid pair is computed, and `capacity` must bound the valid pairs of any
@@ -130,10 +130,12 @@ def run_experts(x_GSD: jax.Array, route: routing.Routing, experts: Experts, *,
   ragged all-to-all where `parallel.ragged_exchange()` gives one (GPU/TPU by default;
   `parallel.RAGGED_EP`); otherwise, and for capacity dispatch, the padded all_to_all path
   of moe/parallel.py runs with that capacity, so a dropless layer drops nothing there either.
+  `max_valid` (dropless, one device): a static bound on the valid pairs of one group (see
+  `dispatch.dropless_dispatch_combine`).
   """
   n_shards = parallel.expert_axis_size()
   if dropless and n_shards == 1:
-    return dispatch.dropless_dispatch_combine(x_GSD, route, experts)
+    return dispatch.dropless_dispatch_combine(x_GSD, route, experts, max_valid=max_valid)
   exchange = parallel.ragged_exchange() if dropless else None
   if exchange is not None:
     return parallel.ragged_expert_parallel(

@@ -11,6 +11,7 @@ from flax import nnx
 
 from configs import moma as moma_config
 from models import mod as mod_lib, moma
+from moe import dispatch
 from training import sharding, state as state_lib, step as step_lib
 from tests.helpers import loss_and_grads, random_batch, tiny_config
 
@@ -249,3 +250,25 @@ def test_bad_moma_config_gives_one_clear_error(arg, overrides, message):
   with pytest.raises(ValueError, match=None) as e:
     validate(c, 8)
   assert message in str(e.value)
+
+
+@pytest.mark.parametrize('groups, router, shared', [
+    ((('text', 4), ('image', 4)), 'expert_choice', 0),
+    ((('text', 7), ('image', 1)), 'expert_choice', 0),
+    ((('text', 1), ('image', 1)), 'expert_choice', 2),
+    ((('text', 3), ('image', 2)), 'topk', 0)])
+@pytest.mark.parametrize('p_image', [0.0, 0.3, 1.0])
+def test_valid_pair_bound_holds_so_the_dropless_truncation_loses_nothing(groups, router,
+                                                                          shared, p_image):
+  layer = ffn(groups=groups, router=router, shared=shared)
+  x, modality = inputs(B=3, T=30, p_image=p_image)
+  logits = jnp.einsum('BTD,DE->BTE', x, layer.router[...])
+  for causal in (False, True):
+    aux = ({i: jnp.full(logits.shape[:2] + (layer.spec.groups[i].experts,), 1.0)
+            for i in layer.spec.aux_groups()} if causal else None)  # every aux router fires
+    route, _, _ = moma.route(layer.spec, logits, modality, jnp.ones((3, 30), bool), aux)
+    bound = moma.max_valid_pairs(layer.spec, 30, causal and bool(layer.spec.aux_groups()))
+    assert int(jnp.max(jnp.sum(route.valid, axis=1))) <= bound <= route.valid.shape[1]
+  y_full, _ = dispatch.dropless_dispatch_combine(x, route, layer.experts)
+  y_cut, _ = dispatch.dropless_dispatch_combine(x, route, layer.experts, max_valid=bound)
+  np.testing.assert_array_equal(np.asarray(y_cut), np.asarray(y_full))
