@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-CONFIG ?= configs/dense.py:tiny
+CONFIG ?= configs/moma.py:tiny
 WORKDIR ?= runs/default
 
 .PHONY: train eval test bench venv clean
@@ -15,8 +15,14 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 # Prepares the embedded dataset on first use, trains, then evaluates the final checkpoint.
+# MoMa configs also train their auxiliary routers (stage aux, main model frozen) so that
+# eval.json reports the causal-inference loss next to the batch-routing one.
 train: venv
 	$(PY) train.py --config=$(CONFIG) --workdir=$(WORKDIR)
+	case "$(CONFIG)" in \
+	  configs/moma.py:*) $(PY) train.py --config=$(CONFIG),stage=aux --workdir=$(WORKDIR) ;; \
+	  configs/moma.py) $(PY) train.py --config=$(CONFIG):tiny,stage=aux --workdir=$(WORKDIR) ;; \
+	esac
 	$(PY) eval.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
 eval: venv

@@ -3,11 +3,11 @@ both modalities' eval loss below their unigram loss (what ignoring context achie
 
 import pytest
 
-from configs import dense, moe
+from configs import dense, moe, moma
 from training import evaluate, loop
 from tests.helpers import tiny_config
 
-FAMILIES = {'dense': dense.get_config, 'moe': moe.get_config}
+FAMILIES = {'dense': dense.get_config, 'moe': moe.get_config, 'moma': moma.get_config}
 
 
 @pytest.mark.parametrize('family', sorted(FAMILIES))
@@ -17,6 +17,8 @@ def test_short_run_beats_unigram_on_both_modalities(family, data_dir, tmp_path):
       'warmup_steps': 8, 'learning_rate': 3e-3, 'checkpoint_every': 80, 'log_every': 40})
   if family == 'moe':
     config.model.moe.mlp_dim = 128
+  if family == 'moma':  # 4t4i, expert choice c = 1/4: one expert of width 128 per token
+    config.model.moma.mlp_dim = 128
   loop.train(config, str(tmp_path))
   report = evaluate.evaluate(config, str(tmp_path))
   for name, mod in report['modalities'].items():
