@@ -31,10 +31,13 @@ SIZES = {
 ACCELERATOR_SIZES = ('base', '1b')
 
 
-def parse_arg(arg: str, *, allowed: dict[str, object] | None = None):
+def parse_arg(arg: str, *, allowed: dict[str, object] | None = None,
+              list_keys: tuple[str, ...] = ()):
   """"small,mod=1,groups=4t4i" -> ("small", {"mod": "1", "groups": "4t4i"}).
 
   `allowed` maps each variant key a family accepts to its default; unknown keys raise.
+  Values of `list_keys` may hold commas: "tiny,untie=ffn,attn" -> {"untie": "ffn,attn"}
+  (a part without '=' continues the list value before it).
   """
   parts = [p.strip() for p in (arg or 'tiny').split(',') if p.strip()]
   size, variants = parts[0], {}
@@ -43,10 +46,15 @@ def parse_arg(arg: str, *, allowed: dict[str, object] | None = None):
   if size not in SIZES:
     raise ValueError(f'unknown size {size!r} in config arg {arg!r}; sizes: {sorted(SIZES)}')
   allowed = dict(allowed or {})
+  last = None
   for p in parts[1:]:
     key, eq, value = p.partition('=')
+    if not eq and last in list_keys:
+      variants[last] += ',' + p
+      continue
     if not eq:
       raise ValueError(f'config arg part {p!r} is not key=value (in {arg!r})')
+    last = key
     if key not in allowed:
       raise ValueError(f'unknown config arg key {key!r} in {arg!r}; '
                        f'known: {sorted(allowed) or "none"}')

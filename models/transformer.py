@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from data import tokenizer
-from models import layers, mod as mod_lib, moma as moma_lib
+from models import layers, mod as mod_lib, moma as moma_lib, mot as mot_lib
 from moe import layer as moe_layer
 from training.sharding import constrain
 
@@ -40,6 +40,7 @@ class DecoderSpec:
   moe_every: int = 1  # layer i has a MoE FFN iff i % moe_every == moe_every - 1
   moma: moma_lib.MoMaSpec | None = None  # MoMa blocks (modality-grouped experts) everywhere
   mod: mod_lib.MoDSpec | None = None  # mixture-of-depths (MoMa blocks only)
+  mot: mot_lib.MoTSpec | None = None  # Mixture-of-Transformers blocks everywhere
   num_modalities: int = 2
   dtype: str = 'float32'  # compute dtype
   param_dtype: str = 'float32'
@@ -82,7 +83,8 @@ class Decoder(nnx.Module):
                               dtype=dtype, param_dtype=pdtype, rngs=rngs)
     self.blocks = nnx.List([
         moma_lib.MoMaBlock(spec, i, num_modalities=spec.num_modalities, rngs=rngs)
-        if spec.moma is not None else Block(spec, use_moe=self.is_moe_layer(i), rngs=rngs)
+        if spec.moma is not None else mot_lib.MoTBlock(spec, rngs=rngs)
+        if spec.mot is not None else Block(spec, use_moe=self.is_moe_layer(i), rngs=rngs)
         for i in range(spec.num_layers)])
     self.final_norm = layers.RMSNorm(spec.embed_dim, param_dtype=pdtype, rngs=rngs)
     self.lm_head = layers.param(rngs, layers.fan_in_init(spec.embed_dim),
@@ -154,9 +156,24 @@ def mod_spec_from_config(mod_cfg) -> mod_lib.MoDSpec | None:
   return mod_lib.MoDSpec(capacity=mod_cfg.capacity, every=mod_cfg.every, scale=mod_cfg.scale)
 
 
+def mot_spec_from_config(mot_cfg) -> mot_lib.MoTSpec:
+  names = tokenizer.MODALITIES
+  untie = frozenset(p.strip() for p in mot_cfg.untie.split(',') if p.strip())
+  moe_modality = moe = None
+  if mot_cfg.moe_modality:
+    if mot_cfg.moe_modality not in names:
+      raise ValueError(f'model.mot.moe_modality={mot_cfg.moe_modality!r} is not one of '
+                       f'{names}')
+    moe_modality, moe = names.index(mot_cfg.moe_modality), moe_spec_from_config(mot_cfg.moe)
+  return mot_lib.MoTSpec(untie=untie, num_modalities=len(names), qk_norm=mot_cfg.qk_norm,
+                         norm=mot_cfg.norm, moe_modality=moe_modality, moe=moe)
+
+
 def spec_from_config(model_cfg, *, param_dtype: str, compute_dtype: str,
                      stage: str = 'main') -> DecoderSpec:
-  moe = moma = mod = None
+  moe = moma = mod = mot = None
+  if model_cfg.family == 'mot':
+    mot = mot_spec_from_config(model_cfg.mot)
   if model_cfg.family == 'moe':
     moe = moe_spec_from_config(model_cfg.moe)
   if model_cfg.family == 'moma':
@@ -169,7 +186,7 @@ def spec_from_config(model_cfg, *, param_dtype: str, compute_dtype: str,
       mlp_dim=model_cfg.mlp_dim, rope_theta=model_cfg.rope_theta,
       attention_impl=model_cfg.attention_impl or None, remat=model_cfg.remat,
       dtype=compute_dtype, param_dtype=param_dtype, moe=moe,
-      moe_every=model_cfg.moe.every if moe else 1, moma=moma, mod=mod,
+      moe_every=model_cfg.moe.every if moe else 1, moma=moma, mod=mod, mot=mot,
       num_modalities=len(tokenizer.MODALITIES))
 
 
@@ -204,6 +221,26 @@ def _moma_layer_params(spec: DecoderSpec, i: int, active: bool) -> float:
   return routed + d * m.num_experts
 
 
+def _mot_layer_params(spec: DecoderSpec, active: bool) -> float:
+  """One MoT layer: untied parts count M times (once when `active`: a token uses its own
+  modality's copy); a MoE modality's FFN counts k experts when active (averaged over the
+  modalities, as for MoMa)."""
+  m, d = spec.mot, spec.embed_dim
+  M = m.num_modalities
+  h, g, k = spec.num_heads, spec.num_kv_heads, spec.head_dim
+  copies = lambda part: 1 if active or part not in m.untie else M
+  attn = (d * (h + 2 * g) * k + h * k * d + (2 * k if m.qk_norm else 0)) * copies('attn')
+  norms = 2 * d * copies('norm')
+  ffn = 3 * d * spec.mlp_dim
+  if m.moe is None:
+    return attn + norms + ffn * copies('ffn')
+  e = m.moe
+  moe = 3 * d * e.mlp_dim * (e.router.k if active else e.num_experts) + d * e.num_experts
+  if active:
+    return attn + norms + ((M - 1) * ffn + moe) / M
+  return attn + norms + ffn * ((M - 1) if 'ffn' in m.untie else 1) + moe
+
+
 def param_count(spec: DecoderSpec, *, embeddings: bool = True, active: bool = False) -> int:
   """Number of parameters from the spec alone (no model built). `active`: those one token
   uses (routed experts counted k times, or c times under expert choice)."""
@@ -211,6 +248,8 @@ def param_count(spec: DecoderSpec, *, embeddings: bool = True, active: bool = Fa
   attn_and_norms = d * (h + 2 * g) * k + h * k * d + 2 * d
 
   def layer(i: int) -> float:
+    if spec.mot is not None:
+      return _mot_layer_params(spec, active)
     if spec.moma is None:
       return attn_and_norms + _ffn_params(
           spec, spec.moe is not None and i % spec.moe_every == spec.moe_every - 1, active)

@@ -23,6 +23,35 @@ import jax.numpy as jnp
 IMPLS = ('auto', 'ragged_dot', 'blocks')
 
 
+def _varying_axes(*arrays) -> tuple[str, ...]:
+  axes = set()
+  for a in arrays:
+    axes |= set(getattr(getattr(jax.typeof(a), 'manual_axis_type', None), 'varying', ()))
+  return tuple(sorted(axes))
+
+
+def _common_type(*arrays):
+  """Inside `jax.shard_map`: every array cast to vary over the union of their varying mesh
+  axes, so the custom-VJP kernels see one type (the cast's transpose, a psum, then sums the
+  cotangents of replicated inputs: weight gradients over the batch shards, input gradients
+  over 'tensor'). Outside shard_map: unchanged."""
+  axes = _varying_axes(*arrays)
+  if not axes:
+    return arrays
+  return tuple(jax.lax.pcast(a, tuple(x for x in axes if x not in _varying_axes(a)),
+                             to='varying') if set(axes) - set(_varying_axes(a)) else a
+               for a in arrays)
+
+
+def _zeros(shape, dtype, *like) -> jax.Array:
+  """Zeros typed as varying over every manual mesh axis any of `like` varies over, so the
+  kernels' loop carries type-check inside `jax.shard_map` (MoT's per-shard projections and
+  the ragged expert-parallel path); a plain `jnp.zeros` outside it."""
+  z = jnp.zeros(shape, dtype)
+  axes = _varying_axes(*like)
+  return jax.lax.pcast(z, axes, to='varying') if axes else z
+
+
 def _swiglu_ragged(x, w_gate, w_up, w_down, sizes):
   gate = jax.lax.ragged_dot(x, w_gate, sizes)
   up = jax.lax.ragged_dot(x, w_up, sizes)
@@ -43,14 +72,15 @@ def _swiglu_blocks(x_ND, w_gate, w_up, w_down, sizes_E, block: int):
   in_group = group < E
   g = jnp.minimum(group, E - 1)
   dest = jnp.where(in_group, padded_starts[g] + row - starts[g], num_blocks * block)
-  xp = jnp.zeros((num_blocks * block, D), x_ND.dtype).at[dest].set(x_ND, mode='drop')
+  xp = _zeros((num_blocks * block, D), x_ND.dtype, x_ND).at[dest].set(x_ND, mode='drop')
   block_start = jnp.arange(num_blocks) * block
   block_expert = jnp.searchsorted(padded_ends, block_start, side='right')
   num_used = jnp.sum(block_expert < E)  # trailing blocks belong to no expert: skipped
   block_expert = jnp.minimum(block_expert, E - 1)
 
-  yp = _blocks_swiglu(xp.reshape(num_blocks, block, D), w_gate, w_up, w_down, block_expert,
-                      num_used)
+  xb, w_gate, w_up, w_down = _common_type(xp.reshape(num_blocks, block, D), w_gate, w_up,
+                                          w_down)
+  yp = _blocks_swiglu(xb, w_gate, w_up, w_down, block_expert, num_used)
   yp = yp.reshape(num_blocks * block, D)
   return jnp.where(in_group[:, None], yp.at[dest].get(mode='fill', fill_value=0), 0)
 
@@ -68,8 +98,9 @@ def _blocks_forward(x_nbD, w_gate, w_up, w_down, block_expert, num_used):
     yb = (jax.nn.silu(a) * u) @ w_down[e]
     return y.at[i].set(yb), a_all.at[i].set(a), u_all.at[i].set(u)
 
-  init = (jnp.zeros_like(x_nbD), jnp.zeros((nb, b, F), x_nbD.dtype),
-          jnp.zeros((nb, b, F), x_nbD.dtype))
+  like = (x_nbD, w_gate, w_up, w_down)
+  init = (_zeros(x_nbD.shape, x_nbD.dtype, *like), _zeros((nb, b, F), x_nbD.dtype, *like),
+          _zeros((nb, b, F), x_nbD.dtype, *like))
   return jax.lax.fori_loop(0, num_used, one_block, init)
 
 
@@ -102,8 +133,8 @@ def _blocks_bwd(res, dy_nbD):
     return (dx.at[i].set(da @ wg.T + du @ wu.T), g_gate.at[e].add(xb.T @ da),
             g_up.at[e].add(xb.T @ du), g_down.at[e].add((silu * u).T @ dyb))
 
-  init = (jnp.zeros_like(x_nbD), jnp.zeros_like(w_gate), jnp.zeros_like(w_up),
-          jnp.zeros_like(w_down))
+  like = (x_nbD, w_gate, w_up, w_down, dy_nbD)
+  init = tuple(_zeros(a.shape, a.dtype, *like) for a in (x_nbD, w_gate, w_up, w_down))
   dx, g_gate, g_up, g_down = jax.lax.fori_loop(0, num_used, one_block, init)
   return dx, g_gate, g_up, g_down, None, None
 
@@ -123,3 +154,83 @@ def grouped_swiglu(x_ND: jax.Array, w_gate_EDF: jax.Array, w_up_EDF: jax.Array,
   if impl == 'ragged_dot':
     return _swiglu_ragged(x_ND, w_gate_EDF, w_up_EDF, w_down_EFD, sizes)
   return _swiglu_blocks(x_ND, w_gate_EDF, w_up_EDF, w_down_EFD, sizes, block)
+
+
+# ---------------------------------------------------------------------------
+# One grouped matmul (MoT's modality-untied projections): y = x @ w[group of the row].
+
+
+def _block_layout(sizes_E, N: int, block: int):
+  """Where each sorted row goes in the padded block layout (see _swiglu_blocks)."""
+  E = sizes_E.shape[0]
+  num_blocks = -(-N // block) + E
+  padded_sizes = -(-sizes_E // block) * block
+  ends, padded_ends = jnp.cumsum(sizes_E), jnp.cumsum(padded_sizes)
+  starts, padded_starts = ends - sizes_E, padded_ends - padded_sizes
+  row = jnp.arange(N)
+  group = jnp.searchsorted(ends, row, side='right')
+  in_group = group < E
+  g = jnp.minimum(group, E - 1)
+  dest = jnp.where(in_group, padded_starts[g] + row - starts[g], num_blocks * block)
+  block_expert = jnp.searchsorted(padded_ends, jnp.arange(num_blocks) * block, side='right')
+  num_used = jnp.sum(block_expert < E)
+  return num_blocks, dest, in_group, jnp.minimum(block_expert, E - 1), num_used
+
+
+@jax.custom_vjp
+def _blocks_matmul(x_nbK, w_EKN, block_expert, num_used):
+  """Block i < num_used: x_nbK[i] @ w[block_expert[i]]; the other blocks give 0."""
+  nb, b, _ = x_nbK.shape
+
+  def one(i, y):
+    return y.at[i].set(x_nbK[i] @ w_EKN[block_expert[i]])
+
+  y0 = _zeros((nb, b, w_EKN.shape[2]), jnp.result_type(x_nbK, w_EKN), x_nbK, w_EKN)
+  return jax.lax.fori_loop(0, num_used, one, y0)
+
+
+def _blocks_matmul_fwd(x_nbK, w_EKN, block_expert, num_used):
+  return _blocks_matmul(x_nbK, w_EKN, block_expert, num_used), (x_nbK, w_EKN, block_expert,
+                                                                  num_used)
+
+
+def _blocks_matmul_bwd(res, dy_nbN):
+  x_nbK, w_EKN, block_expert, num_used = res
+
+  def one(i, carry):
+    dx, dw = carry
+    e = block_expert[i]
+    return (dx.at[i].set(dy_nbN[i] @ w_EKN[e].T), dw.at[e].add(x_nbK[i].T @ dy_nbN[i]))
+
+  like = (x_nbK, w_EKN, dy_nbN)
+  dx, dw = jax.lax.fori_loop(0, num_used, one, (_zeros(x_nbK.shape, x_nbK.dtype, *like),
+                                                _zeros(w_EKN.shape, w_EKN.dtype, *like)))
+  return dx, dw, None, None
+
+
+_blocks_matmul.defvjp(_blocks_matmul_fwd, _blocks_matmul_bwd)
+
+
+def grouped_matmul(x_NK: jax.Array, w_EKN: jax.Array, group_sizes_E: jax.Array, *,
+                   impl: str = 'auto', block: int = 256) -> jax.Array:
+  """Rows sorted by group; row r of group j -> x[r] @ w[j]. Rows past sum(sizes) give 0.
+
+  'ragged_dot' on GPU/TPU; 'blocks' (padded blocks, a loop over the used ones, custom VJP)
+  on CPU: FLOPs ~ (N + E * block) * K * N_out instead of E x.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f'grouped matmul impl {impl!r} is not one of {IMPLS}')
+  if impl == 'auto':
+    impl = 'blocks' if jax.default_backend() == 'cpu' else 'ragged_dot'
+  sizes = group_sizes_E.astype(jnp.int32)
+  if impl == 'ragged_dot':
+    return jax.lax.ragged_dot(x_NK, w_EKN, sizes)
+  N, K = x_NK.shape
+  w_EKN = jnp.asarray(w_EKN)
+  block = max(1, min(block, N))
+  num_blocks, dest, in_group, block_expert, num_used = _block_layout(sizes, N, block)
+  xp = _zeros((num_blocks * block, K), x_NK.dtype, x_NK).at[dest].set(x_NK, mode='drop')
+  xb, w_EKN = _common_type(xp.reshape(num_blocks, block, K), w_EKN)
+  yp = _blocks_matmul(xb, w_EKN, block_expert, num_used)
+  yp = yp.reshape(num_blocks * block, -1)
+  return jnp.where(in_group[:, None], yp.at[dest].get(mode='fill', fill_value=0), 0)

@@ -89,15 +89,25 @@ class MoELayer(nnx.Module):
     S = self.spec.group_size or T
     return x_BTD.reshape(B * T // S, S, D)
 
-  def __call__(self, x_BTD: jax.Array, rng: jax.Array | None = None):
-    """`rng` (training only) drives router jitter; None = deterministic routing."""
+  def __call__(self, x_BTD: jax.Array, rng: jax.Array | None = None,
+               token_mask_BT: jax.Array | None = None):
+    """`rng` (training only) drives router jitter; None = deterministic routing.
+    `token_mask_BT` (bool): only these tokens are routed (MoT's one-modality MoE); the
+    others get 0 from the layer. Expert-choice routers never pick a masked token while an
+    unmasked one is left; the router metrics still average over all tokens."""
     B, T, D = x_BTD.shape
     x = self._groups(x_BTD)
     r_in = x.astype(jnp.float32)
     if rng is not None and self.spec.router.jitter > 0:
       r_in = routing.jitter(r_in, rng, self.spec.router.jitter)
     logits = jnp.einsum('GSD,DE->GSE', r_in, self.router[...].astype(jnp.float32))
+    mask = None if token_mask_BT is None else token_mask_BT.reshape(x.shape[:2])
+    if mask is not None and self.spec.router.expert_choice:
+      logits = jnp.where(mask[..., None], logits, -1e9)
     route, metrics = routing.route(self.spec.router, logits)
+    if mask is not None:
+      valid = route.valid & jnp.take_along_axis(mask, route.token, axis=1)
+      route = route.replace(valid=valid, weight=jnp.where(valid, route.weight, 0.0))
     y, stats = self._dispatch(x, route)
     y = constrain(y.reshape(B, T, D), ('batch', 'length', 'act_embed'))
     if self.shared is not None:

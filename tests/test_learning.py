@@ -3,11 +3,12 @@ both modalities' eval loss below their unigram loss (what ignoring context achie
 
 import pytest
 
-from configs import dense, moe, moma
+from configs import dense, moe, moma, mot
 from training import evaluate, loop
 from tests.helpers import tiny_config
 
-FAMILIES = {'dense': dense.get_config, 'moe': moe.get_config, 'moma': moma.get_config}
+FAMILIES = {'dense': dense.get_config, 'moe': moe.get_config, 'moma': moma.get_config,
+            'mot': mot.get_config}
 
 
 @pytest.mark.parametrize('family', sorted(FAMILIES))

@@ -24,6 +24,7 @@ MODEL_FAMILIES: dict[str, Callable[..., nnx.Module]] = {
     'dense': transformer.Decoder,
     'moe': transformer.Decoder,  # the same decoder with MoE FFNs (config.model.moe)
     'moma': transformer.Decoder,  # with MoMa blocks (config.model.moma)
+    'mot': transformer.Decoder,  # with Mixture-of-Transformers blocks (config.model.mot)
 }
 
 

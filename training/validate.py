@@ -18,7 +18,7 @@ POSITIVE_INTS = ('total_steps', 'batch_size', 'seq_len', 'log_every', 'checkpoin
                  'model.num_kv_heads', 'model.head_dim', 'model.mlp_dim', 'model.vocab_size',
                  'eval.batch_size')
 DTYPES = ('float32', 'bfloat16', 'float16')
-FAMILIES = ('dense', 'moe', 'moma')
+FAMILIES = ('dense', 'moe', 'moma', 'mot')
 STAGES = ('main', 'aux')
 
 
@@ -88,6 +88,8 @@ def validate(config, num_devices: int) -> tuple[int, ...]:
     _validate_moe(config, sizes)
   if m.family == 'moma':
     _validate_moma(config, sizes)
+  if m.family == 'mot':
+    _validate_mot(config, sizes)
   return shape
 
 
@@ -163,3 +165,17 @@ def check_upcycle_source(src_dir: str) -> None:
   if not steps:
     raise ValueError(f'config.upcycle_from={src_dir!r} has no checkpoint (expected '
                      f'{ckpt_dir}/<step>/ written by train.py)')
+
+
+def _validate_mot(config, sizes) -> None:
+  from models import mot as mot_lib, transformer
+  from moe import layer as moe_layer
+  spec = transformer.mot_spec_from_config(config.model.mot)
+  mot_lib.check_spec(spec)
+  if spec.moe is not None:
+    moe = config.model.mot.moe
+    for key in ('num_experts', 'k', 'mlp_dim'):
+      if not isinstance(moe[key], int) or moe[key] <= 0:
+        raise ValueError(f'config.model.mot.moe.{key} must be a positive integer, got '
+                         f'{moe[key]!r}')
+    moe_layer.check_moe_spec(spec.moe, seq_len=config.seq_len, expert_shards=sizes['expert'])

@@ -1,0 +1,256 @@
+"""Mixture-of-Transformers (Liang et al. 2024, arXiv 2411.04996): modality-untied blocks.
+
+Every non-embedding weight of a block (Q, K, V, O, the FFN, the norms) can be untied by
+modality: stacked on a leading 'modality' axis, each modality's tokens use only their own
+slice. Attention stays ONE global causal attention over the mixed sequence:
+
+    rows sorted by modality (stable) -> per-modality projections as ONE grouped matmul
+    -> original order -> RoPE, global causal attention -> sorted -> grouped W_O -> order
+    h = x + Norm_m(Attn(x))            (res_post, the paper's form; `pre`: x + Attn(Norm_m(x)))
+    y = h + Norm_m(FFN_m(h))           FFN_m = grouped SwiGLU over the sorted rows
+
+No router, no aux loss, no dropped tokens. The grouped matmuls (moe/grouped.py:
+`jax.lax.ragged_dot` on GPU/TPU, padded blocks on CPU) keep the FLOPs per token at the dense
+model's; sorting and un-sorting are gathers of the activations.
+
+Parallelism: the untied projections run per batch shard inside `jax.shard_map` (each device
+sorts only its own rows, so data parallelism is kept), with Megatron-style collectives for
+the weights: all_gather over 'fsdp' of the embed axis, column-parallel Q/K/V and gate/up
+over 'tensor' (heads / mlp), row-parallel O and down with a psum over 'tensor'. Tied parts
+are plain matmuls under jit's automatic sharding, as in models/layers.py. The 'modality'
+axis of the weights is replicated (every device holds tokens of every modality).
+
+`untie` picks the untied parts (the paper's ablation): 'ffn', 'attn' (Q, K, V, O and the
+optional QK-norm scales), 'norm' (the sub-layer norms); tied parts are ordinary weights.
+MoT + MoE: `moe_modality`'s FFN is a routed `moe.layer.MoELayer` (the paper's best text
+result: MoT with a text MoE-4x); its tokens are the only valid tokens of that layer's
+routing, and they sort last so the untied FFN skips them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models import layers
+from moe import grouped, layer as moe_layer
+from training import sharding
+from training.sharding import constrain
+
+UNTIE = ('ffn', 'attn', 'norm')
+NORMS = ('res_post', 'pre')
+
+
+@dataclasses.dataclass(frozen=True)
+class MoTSpec:
+  untie: frozenset  # subset of UNTIE
+  num_modalities: int  # M
+  qk_norm: bool = False  # RMSNorm of q and k over the head dim (per modality if attn untied)
+  norm: str = 'res_post'
+  moe_modality: int | None = None  # this modality's FFN is a MoE (`moe`)
+  moe: moe_layer.MoESpec | None = None
+  grouped_impl: str = 'auto'  # moe/grouped.py kernel
+
+
+def check_spec(spec: MoTSpec) -> None:
+  bad = set(spec.untie) - set(UNTIE)
+  if bad:
+    raise ValueError(f'model.mot.untie names {sorted(bad)}; choose from {UNTIE} or "all"')
+  if spec.norm not in NORMS:
+    raise ValueError(f'model.mot.norm={spec.norm!r} is not one of {NORMS}')
+  if spec.moe_modality is not None and not 0 <= spec.moe_modality < spec.num_modalities:
+    raise ValueError(f'model.mot.moe_modality={spec.moe_modality} is not a modality id')
+
+
+class Sorted:
+  """A batch's rows [N = B*T] sorted by group: gather `order` to sort, `inverse` back.
+
+  `groups[m]` is modality m's group (-1: in no group; those rows sort after every group and
+  a grouped matmul gives them 0). Default: each modality its own group.
+  """
+
+  def __init__(self, modality_BT: jax.Array, groups: tuple[int, ...]):
+    num_groups = max(groups) + 1
+    table = jnp.asarray([g if g >= 0 else num_groups for g in groups], jnp.int32)
+    key = table[modality_BT.reshape(-1)]
+    self.order = jnp.argsort(key, stable=True)
+    self.inverse = jnp.argsort(self.order)
+    self.sizes = jnp.bincount(key, length=num_groups + 1)[:num_groups].astype(jnp.int32)
+    self.shape = modality_BT.shape
+
+  def sort(self, x_BTX: jax.Array) -> jax.Array:
+    return x_BTX.reshape(self.order.shape[0], -1)[self.order]
+
+  def unsort(self, x_NX: jax.Array) -> jax.Array:
+    return x_NX[self.inverse].reshape(*self.shape, -1)
+
+
+class Norm(nnx.Module):
+  """RMSNorm with one scale per modality (untied) or one shared scale."""
+
+  def __init__(self, dim: int, *, untied: int, param_dtype, rngs: nnx.Rngs, eps=1e-6):
+    self.eps = eps
+    shape, axes = ((untied, dim), ('modality', 'norm')) if untied else ((dim,), ('norm',))
+    self.scale = layers.param(rngs, nnx.initializers.ones, shape, axes, param_dtype)
+
+  def __call__(self, x: jax.Array, modality: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    scale = self.scale[...].astype(jnp.float32)
+    if scale.ndim == 2:  # each token's own modality's scale: [B, T, (1, ...) dim]
+      extra = (1,) * (x.ndim - modality.ndim - 1)
+      scale = scale[modality].reshape(modality.shape + extra + scale.shape[-1:])
+    return (y * scale).astype(x.dtype)
+
+
+def _weight(rngs, fan_in, shape, axes, untied, pdtype):
+  if untied:
+    shape, axes = (untied,) + tuple(shape), ('modality',) + tuple(axes)
+  return layers.param(rngs, layers.fan_in_init(fan_in), shape, axes, pdtype)
+
+
+def _per_shard(fn, in_names, out_names):
+  """fn(*arrays, collectives) per batch shard: shard_map over the mesh, or a plain call
+  without one (then no collectives). Names are logical axes (training/sharding.py)."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return lambda *a: fn(*a, collectives=False)
+  spec = lambda names: sharding.logical_to_spec(names)
+  out = (tuple(spec(n) for n in out_names) if isinstance(out_names[0], tuple)
+         else spec(out_names))
+  return jax.shard_map(lambda *a: fn(*a, collectives=True),
+                       in_specs=tuple(spec(n) for n in in_names), out_specs=out)
+
+
+def _gather_fsdp(w, axis, collectives):
+  return jax.lax.all_gather(w, 'fsdp', axis=axis, tiled=True) if collectives else w
+
+
+def _psum_tensor(y, collectives):
+  return jax.lax.psum(y, 'tensor') if collectives else y
+
+
+W_Q = ('modality', 'embed', 'heads', 'head_dim')
+W_KV = ('modality', 'embed', 'kv_heads', 'head_dim')
+W_O = ('modality', 'heads', 'head_dim', 'embed')
+W_IN = ('modality', 'embed', 'mlp')
+W_OUT = ('modality', 'mlp', 'embed')
+X = ('batch', 'length', 'act_embed')
+MOD = ('batch', 'length')
+
+
+class MoTBlock(nnx.Module):
+  """One MoT layer; `__call__(x, sin_cos, rng, *, modality) -> (y, aux)`."""
+
+  def __init__(self, decoder_spec, *, rngs: nnx.Rngs):
+    s, m = decoder_spec, decoder_spec.mot
+    self.spec = m
+    self.dtype = layers.dtype_of(s.dtype)
+    pdtype = layers.dtype_of(s.param_dtype)
+    M, D, H, G, K, F = (m.num_modalities, s.embed_dim, s.num_heads, s.num_kv_heads,
+                        s.head_dim, s.mlp_dim)
+    self.attn_impl = s.attention_impl
+    ua = M if 'attn' in m.untie else 0
+    un = M if 'norm' in m.untie else 0
+    self.attn_norm = Norm(D, untied=un, param_dtype=pdtype, rngs=rngs)
+    self.ffn_norm = Norm(D, untied=un, param_dtype=pdtype, rngs=rngs)
+    self.wq = _weight(rngs, D, (D, H, K), W_Q[1:], ua, pdtype)
+    self.wk = _weight(rngs, D, (D, G, K), W_KV[1:], ua, pdtype)
+    self.wv = _weight(rngs, D, (D, G, K), W_KV[1:], ua, pdtype)
+    self.wo = _weight(rngs, H * K, (H, K, D), W_O[1:], ua, pdtype)
+    self.q_norm = Norm(K, untied=ua, param_dtype=pdtype, rngs=rngs) if m.qk_norm else None
+    self.k_norm = Norm(K, untied=ua, param_dtype=pdtype, rngs=rngs) if m.qk_norm else None
+    moe_m = m.moe_modality
+    # FFN groups: untied = one per modality but the MoE one; tied = 2-D weights, and with a
+    # MoE one group of all the other modalities' rows.
+    uf = (M - (moe_m is not None)) if 'ffn' in m.untie else 0
+    others = [i for i in range(M) if i != moe_m]
+    if 'ffn' in m.untie:
+      self.ffn_groups = tuple(others.index(i) if i != moe_m else -1 for i in range(M))
+    else:
+      self.ffn_groups = tuple(0 if i != moe_m else -1 for i in range(M))
+    self.moe = (moe_layer.MoELayer(m.moe, embed_dim=D, dtype=self.dtype, param_dtype=pdtype,
+                                   rngs=rngs) if moe_m is not None else None)
+    self.w_gate = _weight(rngs, D, (D, F), W_IN[1:], uf, pdtype)
+    self.w_up = _weight(rngs, D, (D, F), W_IN[1:], uf, pdtype)
+    self.w_down = _weight(rngs, F, (F, D), W_OUT[1:], uf, pdtype)
+
+  def _w(self, w):
+    return w[...].astype(self.dtype)
+
+  def _attention(self, x_BTD, sin_cos, modality):
+    B, T, D = x_BTD.shape
+    x = x_BTD.astype(self.dtype)
+    wq, wk, wv, wo = (self._w(w) for w in (self.wq, self.wk, self.wv, self.wo))
+    impl, groups = self.spec.grouped_impl, tuple(range(self.spec.num_modalities))
+    if wq.ndim == 3:  # tied: plain matmuls (automatic sharding)
+      proj = lambda w: (x.reshape(B * T, D) @ w.reshape(D, -1)).reshape(B, T, w.shape[1], -1)
+      q, k, v = proj(wq), proj(wk), proj(wv)
+    else:
+      def qkv_local(x, mod, wq, wk, wv, collectives):
+        wq, wk, wv = (_gather_fsdp(w, 1, collectives) for w in (wq, wk, wv))
+        rows = Sorted(mod, groups)
+        hq, hk = wq.shape[2], wk.shape[2]
+        w = jnp.concatenate([a.reshape(*a.shape[:2], -1) for a in (wq, wk, wv)], axis=2)
+        y = rows.unsort(grouped.grouped_matmul(rows.sort(x), w, rows.sizes, impl=impl))
+        y = y.reshape(*mod.shape, hq + 2 * hk, -1)
+        return y[..., :hq, :], y[..., hq:hq + hk, :], y[..., hq + hk:, :]
+      heads = ('batch', 'length', 'act_heads', None)
+      kv = ('batch', 'length', 'act_kv_heads', None)
+      q, k, v = _per_shard(qkv_local, (X, MOD, W_Q, W_KV, W_KV), (heads, kv, kv))(
+          x, modality, wq, wk, wv)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q, modality), self.k_norm(k, modality)
+    q = constrain(layers.apply_rope(q, sin_cos), ('batch', 'length', 'act_heads', None))
+    k = constrain(layers.apply_rope(k, sin_cos), ('batch', 'length', 'act_kv_heads', None))
+    v = constrain(v, ('batch', 'length', 'act_kv_heads', None))
+    o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attn_impl)
+    o = constrain(o, ('batch', 'length', 'act_heads', None))
+    if wo.ndim == 3:
+      out = (o.reshape(B * T, -1) @ wo.reshape(-1, D)).reshape(B, T, D)
+    else:
+      def out_local(o, mod, wo, collectives):
+        wo = _gather_fsdp(wo, 3, collectives)
+        rows = Sorted(mod, groups)
+        y = grouped.grouped_matmul(rows.sort(o), wo.reshape(wo.shape[0], -1, wo.shape[3]),
+                                   rows.sizes, impl=impl)
+        return _psum_tensor(rows.unsort(y), collectives)
+      out = _per_shard(out_local, (('batch', 'length', 'act_heads', None), MOD, W_O), X)(
+          o, modality, wo)
+    return constrain(out, X)
+
+  def _ffn(self, x_BTD, modality, rng):
+    aux = {}
+    x = x_BTD.astype(self.dtype)
+    w = [self._w(a) for a in (self.w_gate, self.w_up, self.w_down)]
+    if w[0].ndim == 2 and self.moe is None:  # tied, dense
+      B, T, D = x.shape
+      x2 = x.reshape(B * T, D)
+      y = ((jax.nn.silu(x2 @ w[0]) * (x2 @ w[1])) @ w[2]).reshape(B, T, D)
+    else:  # grouped SwiGLU over each shard's sorted rows (MoE-modality rows in no group)
+      w = [a[None] if a.ndim == 2 else a for a in w]
+      groups, impl = self.ffn_groups, self.spec.grouped_impl
+
+      def ffn_local(x, mod, wg, wu, wd, collectives):
+        wg, wu = _gather_fsdp(wg, 1, collectives), _gather_fsdp(wu, 1, collectives)
+        wd = _gather_fsdp(wd, 2, collectives)
+        rows = Sorted(mod, groups)
+        y = grouped.grouped_swiglu(rows.sort(x), wg, wu, wd, rows.sizes, impl=impl)
+        return _psum_tensor(rows.unsort(y), collectives)
+      y = _per_shard(ffn_local, (X, MOD, W_IN, W_IN, W_OUT), X)(x, modality, *w)
+    if self.moe is not None:
+      y_moe, aux = self.moe(x_BTD, rng, token_mask_BT=modality == self.spec.moe_modality)
+      y = y + y_moe.astype(y.dtype)
+    return constrain(y.astype(x_BTD.dtype), X), aux
+
+  def __call__(self, x_BTD, sin_cos, rng=None, *, modality, causal=False):
+    del causal  # no batch-dependent routing besides the MoE's token choice
+    if self.spec.norm == 'res_post':
+      h = x_BTD + self.attn_norm(self._attention(x_BTD, sin_cos, modality), modality)
+      f, aux = self._ffn(h, modality, rng)
+      return h + self.ffn_norm(f, modality), aux
+    h = x_BTD + self._attention(self.attn_norm(x_BTD, modality), sin_cos, modality)
+    f, aux = self._ffn(self.ffn_norm(h, modality), modality, rng)
+    return h + f, aux

@@ -1,0 +1,177 @@
+"""Mixture-of-Transformers (models/mot.py): equal weights give the dense model, modality
+isolation of gradients, ablation subsets, MoT + MoE, sharded == unsharded."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import dense, mot as mot_config
+from data import tokenizer
+from models import mot
+from training import sharding, state as state_lib, step as step_lib
+from tests.helpers import loss_and_grads, random_batch, tiny_config
+
+
+def mot_tiny(arg='tiny', **overrides):
+  c = tiny_config(base=mot_config.get_config(arg), **overrides)
+  c.model.mot.moe.mlp_dim = 64
+  return c
+
+
+def batch_of(c, seed=3, **kw):
+  return {k: jnp.asarray(v) for k, v in random_batch(c.batch_size, c.seq_len, seed=seed,
+                                                     **kw).items()}
+
+
+def untied_params(model) -> set[str]:
+  """Paths of the parameters with a leading 'modality' axis."""
+  out = set()
+  for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    if getattr(v, 'out_sharding', None) and v.out_sharding[0] == 'modality':
+      out.add('/'.join(str(p) for p in path))
+  return out
+
+
+def _dense_into_mot(dense_params, mot_model, M=2):
+  """Copy a dense Decoder's weights into every modality slice of an all-untied MoT."""
+  d = nnx.to_pure_dict(dense_params)
+  m = nnx.to_pure_dict(nnx.state(mot_model, nnx.Param))
+  tile = lambda a: jnp.asarray(np.broadcast_to(np.asarray(a), (M,) + np.shape(a)))
+  for key in ('embed', 'final_norm', 'lm_head'):
+    m[key] = d[key]
+  for i, blk in d['blocks'].items():
+    mb = m['blocks'][i]
+    for w in ('wq', 'wk', 'wv', 'wo'):
+      mb[w] = tile(blk['attn'][w])
+    mb['attn_norm']['scale'] = tile(blk['attn_norm']['scale'])
+    mb['ffn_norm']['scale'] = tile(blk['ffn_norm']['scale'])
+    for w in ('w_gate', 'w_up', 'w_down'):
+      mb[w] = tile(blk['ffn'][w])
+  nnx.replace_by_pure_dict(state := nnx.state(mot_model, nnx.Param), m)
+  nnx.update(mot_model, state)
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_equal_weights_compute_exactly_the_dense_model(seed):
+  dc = tiny_config()
+  dense_model = state_lib.make_model(dc, 0)
+  mc = mot_tiny('tiny,norm=pre')  # the dense Block is pre-norm
+  mot_model = state_lib.make_model(mc, 1)
+  _dense_into_mot(nnx.state(dense_model, nnx.Param), mot_model)
+  batch = batch_of(dc, seed=seed + 10)  # random modality patterns with padding
+  ref, _ = dense_model(batch)
+  out, _ = mot_model(batch)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
+
+
+def test_res_post_mot_with_tied_weights_equals_all_untied_with_equal_slices():
+  tied = state_lib.make_model(mot_tiny('tiny,untie=none'), 0)
+  untied = state_lib.make_model(mot_tiny('tiny'), 1)
+  t = nnx.to_pure_dict(nnx.state(tied, nnx.Param))
+  u = nnx.to_pure_dict(nnx.state(untied, nnx.Param))
+  u = jax.tree.map(lambda a, b: jnp.broadcast_to(a, b.shape), t, u)
+  state = nnx.state(untied, nnx.Param)
+  nnx.replace_by_pure_dict(state, u)
+  nnx.update(untied, state)
+  batch = batch_of(mot_tiny('tiny'))
+  np.testing.assert_allclose(np.asarray(untied(batch)[0]), np.asarray(tied(batch)[0]),
+                             rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize('arg', ['tiny', 'tiny,qk_norm=1,norm=pre', 'tiny,untie=ffn,attn'])
+def test_a_modality_absent_from_the_batch_gets_exactly_zero_gradients(arg):
+  c = mot_tiny(arg, **{'mesh.data': 1})
+  model = state_lib.make_model(c, 0)
+  graphdef, params = nnx.split(model)
+  batch = batch_of(c)
+  text_only = dict(batch)
+  tokens = np.where(np.asarray(batch['modality']) == 1, tokenizer.TEXT_OFFSET + 5,
+                    np.asarray(batch['tokens']))
+  text_only['tokens'] = jnp.asarray(tokens)
+  text_only['modality'] = jnp.zeros_like(batch['modality'])
+  grads = jax.grad(lambda p: step_lib.loss_fn(p, graphdef, text_only, 2)[0])(params)
+  untied = untied_params(model)
+  assert untied
+  for path, g in nnx.to_flat_state(grads):
+    name = '/'.join(str(p) for p in path)
+    if name in untied:
+      g = np.asarray(g[...])
+      assert np.all(g[1] == 0), name  # image slice: exactly zero
+      assert np.any(g[0] != 0), name
+
+
+@pytest.mark.parametrize('untie, expected', [
+    ('ffn', {'w_gate', 'w_up', 'w_down'}),
+    ('ffn,attn', {'w_gate', 'w_up', 'w_down', 'wq', 'wk', 'wv', 'wo'}),
+    ('all', {'w_gate', 'w_up', 'w_down', 'wq', 'wk', 'wv', 'wo', 'attn_norm/scale',
+             'ffn_norm/scale'}),
+    ('none', set())])
+def test_each_ablation_unties_exactly_what_it_names(untie, expected):
+  model = state_lib.make_model(mot_tiny(f'tiny,untie={untie}'), 0)
+  for i in range(2):
+    got = {p.removeprefix(f'blocks/{i}/') for p in untied_params(model)
+           if p.startswith(f'blocks/{i}/')}
+    assert got == expected
+  assert not any(p.split('/')[0] in ('embed', 'final_norm', 'lm_head')
+                 for p in untied_params(model))
+
+
+def test_text_moe_routes_only_text_tokens():
+  c = mot_tiny('tiny,moe=text', **{'mesh.data': 1})
+  model = state_lib.make_model(c, 0)
+  graphdef, params = nnx.split(model)
+  batch = batch_of(c)
+  image_only = dict(batch)
+  image_only['tokens'] = jnp.full_like(batch['tokens'], tokenizer.IMAGE_OFFSET + 3)
+  image_only['modality'] = jnp.ones_like(batch['modality'])
+  grads = nnx.to_pure_dict(jax.grad(
+      lambda p: step_lib.loss_fn(p, graphdef, image_only, 2)[0])(params))
+  for blk in grads['blocks'].values():
+    for w in ('w_gate', 'w_up', 'w_down'):
+      assert np.all(np.asarray(blk['moe']['experts'][w]) == 0)
+    assert np.any(np.asarray(blk['w_gate']) != 0)  # the image FFN ([1, D, F]: image only)
+    assert np.asarray(blk['w_gate']).shape[0] == 1
+  _, aux = model(batch)
+  assert 'layer_0/expert_load' in aux and aux['layer_0/expert_load'].shape == (4,)
+
+
+@pytest.mark.parametrize('arg, shape', [
+    ('tiny,qk_norm=1', (2, 2, 1, 2)), ('tiny,qk_norm=1', (1, 2, 1, 4)),
+    ('tiny,untie=ffn,attn,moe=text', (2, 2, 1, 2)),
+    ('tiny,untie=ffn,attn,moe=text', (2, 1, 2, 2))])
+def test_sharded_equals_unsharded(arg, shape):
+  ref_loss, ref_grads, _ = loss_and_grads(mot_tiny(arg, **{'mesh.data': 1}),
+                                          jax.devices()[:1])
+  loss, grads, _ = loss_and_grads(
+      mot_tiny(arg, **{f'mesh.{a}': s for a, s in zip(sharding.MESH_AXES, shape)}),
+      jax.devices())
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+               grads, ref_grads)
+
+
+@pytest.mark.parametrize('arg, message', [
+    ('tiny,untie=ffn,bogus', "names ['bogus']"),
+    ('tiny,moe=audio', "moe_modality='audio' is not one of"),
+    ('tiny,norm=post', "norm='post' is not one of"),
+])
+def test_bad_mot_config_gives_one_clear_error(arg, message):
+  from training.validate import validate
+  with pytest.raises(ValueError) as e:
+    validate(mot_config.get_config(arg), 8)
+  assert message in str(e.value)
+
+
+def test_sorted_rows_round_trip_and_group_sizes():
+  modality = jnp.asarray([[1, 0, 1, 1], [0, 0, 1, 0]])
+  rows = mot.Sorted(modality, (0, 1))
+  np.testing.assert_array_equal(np.asarray(rows.sizes), [4, 4])
+  x = jnp.arange(8.0).reshape(2, 4, 1)
+  sorted_x = rows.sort(x)
+  np.testing.assert_array_equal(np.asarray(sorted_x[:4, 0]), [1, 4, 5, 7])  # text rows first
+  np.testing.assert_array_equal(np.asarray(rows.unsort(sorted_x)), np.asarray(x))
+  skip_text = mot.Sorted(modality, (-1, 0))  # text in no group: image rows first
+  np.testing.assert_array_equal(np.asarray(skip_text.sizes), [4])
+  np.testing.assert_array_equal(np.asarray(skip_text.sort(x)[:4, 0]), [0, 2, 3, 6])
