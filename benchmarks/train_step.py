@@ -16,12 +16,13 @@ repeats alternating with the train step's, and the ratio is the median of the pe
 ratios, so a change in machine load hits both sides alike. Absolute times vary between
 machines and runs: compare the ratios. Results and their reading: docs/benchmarks.md.
 
-With tiny in --sizes, the train steps of the --families (default moe, moma) at tiny size
-and equal active FLOPs per token are timed in the same repeats as dense tiny and its matmul:
-configs/moe.py:tiny with each expert's mlp_dim = dense mlp_dim / k, and configs/moma.py:tiny
-(4t4i, expert choice with c = 1/4: one expert of width F per token on average). The last
-lines are `moe/dense step time ratio: X` and `moma/dense step time ratio: X`, medians of the
-per-repeat ratios (docs/moe.md, docs/moma.md).
+With tiny in --sizes, the train steps of the --families (default moe, moma, mot) at tiny
+size and equal active FLOPs per token are timed in the same repeats as dense tiny and its
+matmul: configs/moe.py:tiny with each expert's mlp_dim = dense mlp_dim / k,
+configs/moma.py:tiny (4t4i, expert choice with c = 1/4: one expert of width F per token on
+average) and configs/mot.py:tiny (all untied). The last lines are `moe/dense step time
+ratio: X`, `moma/dense step time ratio: X` and `mot/dense step time ratio: X`, medians of
+the per-repeat ratios (docs/moe.md, docs/moma.md, docs/mot.md).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import dense, moe, moma  # noqa: E402
+from configs import dense, moe, moma, mot  # noqa: E402
 from data import tokenizer  # noqa: E402
 from models.transformer import dtype_of  # noqa: E402
 from tests.helpers import random_batch  # noqa: E402
@@ -64,9 +65,9 @@ _MATMUL_DTYPES = flags.DEFINE_list('matmul_dtypes', ['float32', 'bfloat16'],
                                    'Input dtypes of the matmul (accumulation is float32); '
                                    'each config\'s compute dtype is added if missing.')
 _JSON = flags.DEFINE_string('json', '', 'Also write the results to this JSON file.')
-_FAMILIES = flags.DEFINE_list('families', ['moe', 'moma'],
+_FAMILIES = flags.DEFINE_list('families', ['moe', 'moma', 'mot'],
                               'Families timed against dense tiny at equal active FLOPs, in '
-                              'the same repeats (moe, moma; empty: none).')
+                              'the same repeats (moe, moma, mot; empty: none).')
 
 
 def _overrides(pairs: list[str], flag: str) -> dict[str, int]:
@@ -111,7 +112,16 @@ def moma_config_like(dense_config):
   return config
 
 
-LIKE = {'moe': moe_config_like, 'moma': moma_config_like}
+def mot_config_like(dense_config):
+  """configs/mot.py (everything untied) at the dense config's size, batch, length and dtype:
+  the same FLOPs per token as the dense model."""
+  config = mot.get_config(dense_config.size)
+  for key in ('batch_size', 'seq_len', 'compute_dtype'):
+    config[key] = dense_config[key]
+  return config
+
+
+LIKE = {'moe': moe_config_like, 'moma': moma_config_like, 'mot': mot_config_like}
 
 
 def compile_step(config, mesh) -> tuple[Timer, dict]:

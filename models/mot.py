@@ -4,14 +4,15 @@ Every non-embedding weight of a block (Q, K, V, O, the FFN, the norms) can be un
 modality: stacked on a leading 'modality' axis, each modality's tokens use only their own
 slice. Attention stays ONE global causal attention over the mixed sequence:
 
-    rows sorted by modality (stable) -> per-modality projections as ONE grouped matmul
-    -> original order -> RoPE, global causal attention -> sorted -> grouped W_O -> order
+    per-modality projections as ONE grouped matmul (rows placed by a counting sort on the
+    modality id, computed, and gathered back) -> RoPE, global causal attention over the
+    original order -> grouped W_O
     h = x + Norm_m(Attn(x))            (res_post, the paper's form; `pre`: x + Attn(Norm_m(x)))
     y = h + Norm_m(FFN_m(h))           FFN_m = grouped SwiGLU over the sorted rows
 
 No router, no aux loss, no dropped tokens. The grouped matmuls (moe/grouped.py:
 `jax.lax.ragged_dot` on GPU/TPU, padded blocks on CPU) keep the FLOPs per token at the dense
-model's; sorting and un-sorting are gathers of the activations.
+model's; placing the rows and gathering them back are one scatter and one gather.
 
 Parallelism: the untied projections run per batch shard inside `jax.shard_map` (each device
 sorts only its own rows, so data parallelism is kept), with Megatron-style collectives for
@@ -41,6 +42,9 @@ from training import sharding
 from training.sharding import constrain
 
 UNTIE = ('ffn', 'attn', 'norm')
+# Rows per block of the CPU grouped kernel: with M (small) groups the padding is at most
+# M * BLOCK rows, and fewer, larger blocks beat 256 at D = 128 (benchmarks/train_step.py).
+BLOCK = 512
 NORMS = ('res_post', 'pre')
 
 
@@ -65,27 +69,11 @@ def check_spec(spec: MoTSpec) -> None:
     raise ValueError(f'model.mot.moe_modality={spec.moe_modality} is not a modality id')
 
 
-class Sorted:
-  """A batch's rows [N = B*T] sorted by group: gather `order` to sort, `inverse` back.
-
-  `groups[m]` is modality m's group (-1: in no group; those rows sort after every group and
-  a grouped matmul gives them 0). Default: each modality its own group.
-  """
-
-  def __init__(self, modality_BT: jax.Array, groups: tuple[int, ...]):
-    num_groups = max(groups) + 1
-    table = jnp.asarray([g if g >= 0 else num_groups for g in groups], jnp.int32)
-    key = table[modality_BT.reshape(-1)]
-    self.order = jnp.argsort(key, stable=True)
-    self.inverse = jnp.argsort(self.order)
-    self.sizes = jnp.bincount(key, length=num_groups + 1)[:num_groups].astype(jnp.int32)
-    self.shape = modality_BT.shape
-
-  def sort(self, x_BTX: jax.Array) -> jax.Array:
-    return x_BTX.reshape(self.order.shape[0], -1)[self.order]
-
-  def unsort(self, x_NX: jax.Array) -> jax.Array:
-    return x_NX[self.inverse].reshape(*self.shape, -1)
+def row_groups(modality_BT: jax.Array, groups: tuple[int, ...]) -> jax.Array:
+  """int32 [B*T]: each row's group, `groups[m]` for modality m (-1 = none -> len(groups))."""
+  num_groups = max(groups) + 1
+  table = jnp.asarray([g if g >= 0 else num_groups for g in groups], jnp.int32)
+  return table[modality_BT.reshape(-1)]
 
 
 class Norm(nnx.Module):
@@ -191,10 +179,10 @@ class MoTBlock(nnx.Module):
     else:
       def qkv_local(x, mod, wq, wk, wv, collectives):
         wq, wk, wv = (_gather_fsdp(w, 1, collectives) for w in (wq, wk, wv))
-        rows = Sorted(mod, groups)
         hq, hk = wq.shape[2], wk.shape[2]
         w = jnp.concatenate([a.reshape(*a.shape[:2], -1) for a in (wq, wk, wv)], axis=2)
-        y = rows.unsort(grouped.grouped_matmul(rows.sort(x), w, rows.sizes, impl=impl))
+        y = grouped.grouped_matmul_rows(x.reshape(-1, x.shape[-1]), w,
+                                        row_groups(mod, groups), impl=impl, block=BLOCK)
         y = y.reshape(*mod.shape, hq + 2 * hk, -1)
         return y[..., :hq, :], y[..., hq:hq + hk, :], y[..., hq + hk:, :]
       heads = ('batch', 'length', 'act_heads', None)
@@ -213,10 +201,10 @@ class MoTBlock(nnx.Module):
     else:
       def out_local(o, mod, wo, collectives):
         wo = _gather_fsdp(wo, 3, collectives)
-        rows = Sorted(mod, groups)
-        y = grouped.grouped_matmul(rows.sort(o), wo.reshape(wo.shape[0], -1, wo.shape[3]),
-                                   rows.sizes, impl=impl)
-        return _psum_tensor(rows.unsort(y), collectives)
+        y = grouped.grouped_matmul_rows(o.reshape(-1, o.shape[2] * o.shape[3]),
+                                        wo.reshape(wo.shape[0], -1, wo.shape[3]),
+                                        row_groups(mod, groups), impl=impl, block=BLOCK)
+        return _psum_tensor(y.reshape(*mod.shape, -1), collectives)
       out = _per_shard(out_local, (('batch', 'length', 'act_heads', None), MOD, W_O), X)(
           o, modality, wo)
     return constrain(out, X)
@@ -229,16 +217,16 @@ class MoTBlock(nnx.Module):
       B, T, D = x.shape
       x2 = x.reshape(B * T, D)
       y = ((jax.nn.silu(x2 @ w[0]) * (x2 @ w[1])) @ w[2]).reshape(B, T, D)
-    else:  # grouped SwiGLU over each shard's sorted rows (MoE-modality rows in no group)
+    else:  # grouped SwiGLU over each shard's rows (MoE-modality rows in no group)
       w = [a[None] if a.ndim == 2 else a for a in w]
       groups, impl = self.ffn_groups, self.spec.grouped_impl
 
       def ffn_local(x, mod, wg, wu, wd, collectives):
         wg, wu = _gather_fsdp(wg, 1, collectives), _gather_fsdp(wu, 1, collectives)
         wd = _gather_fsdp(wd, 2, collectives)
-        rows = Sorted(mod, groups)
-        y = grouped.grouped_swiglu(rows.sort(x), wg, wu, wd, rows.sizes, impl=impl)
-        return _psum_tensor(rows.unsort(y), collectives)
+        y = grouped.grouped_swiglu_rows(x.reshape(-1, x.shape[-1]), wg, wu, wd,
+                                        row_groups(mod, groups), impl=impl, block=BLOCK)
+        return _psum_tensor(y.reshape(*mod.shape, -1), collectives)
       y = _per_shard(ffn_local, (X, MOD, W_IN, W_IN, W_OUT), X)(x, modality, *w)
     if self.moe is not None:
       y_moe, aux = self.moe(x_BTD, rng, token_mask_BT=modality == self.spec.moe_modality)

@@ -234,3 +234,73 @@ def grouped_matmul(x_NK: jax.Array, w_EKN: jax.Array, group_sizes_E: jax.Array, 
   yp = _blocks_matmul(xb, w_EKN, block_expert, num_used)
   yp = yp.reshape(num_blocks * block, -1)
   return jnp.where(in_group[:, None], yp.at[dest].get(mode='fill', fill_value=0), 0)
+
+
+# ---------------------------------------------------------------------------
+# Unsorted rows with a group id each (MoT): a counting sort straight into the kernel layout.
+
+
+def _rows_layout(group_N: jax.Array, E: int, block: int):
+  """Destination of each row in the kernel layout, from its group id (E = no group):
+  rank within the group by a cumulative count (no argsort; E is small), groups padded to
+  multiples of `block` (block=1: the exact sorted layout)."""
+  N = group_N.shape[0]
+  onehot = jax.nn.one_hot(group_N, E + 1, dtype=jnp.int32)
+  rank = jnp.take_along_axis(jnp.cumsum(onehot, axis=0) - onehot, group_N[:, None], axis=1)[:, 0]
+  sizes = jnp.sum(onehot, axis=0)[:E]
+  padded = -(-sizes // block) * block
+  padded_ends = jnp.cumsum(padded)
+  num_blocks = -(-N // block) + (E if block > 1 else 0)
+  in_group = group_N < E
+  dest = jnp.where(in_group, (padded_ends - padded)[jnp.minimum(group_N, E - 1)] + rank,
+                   num_blocks * block)
+  block_expert = jnp.searchsorted(padded_ends, jnp.arange(num_blocks) * block, side='right')
+  num_used = jnp.sum(block_expert < E)
+  return num_blocks, dest, in_group, sizes, jnp.minimum(block_expert, E - 1), num_used
+
+
+def _rows_call(kernel, x_NK, weights, group_N, impl, block):
+  """Scatter rows into the layout, run `kernel`, gather the rows back (0 for no group)."""
+  if impl not in IMPLS:
+    raise ValueError(f'grouped matmul impl {impl!r} is not one of {IMPLS}')
+  if impl == 'auto':
+    impl = 'blocks' if jax.default_backend() == 'cpu' else 'ragged_dot'
+  N, K = x_NK.shape
+  E = weights[0].shape[0]
+  block = 1 if impl == 'ragged_dot' else max(1, min(block, N))
+  num_blocks, dest, in_group, sizes, block_expert, num_used = _rows_layout(
+      group_N.astype(jnp.int32), E, block)
+  xp = _zeros((num_blocks * block, K), x_NK.dtype, x_NK).at[dest].set(x_NK, mode='drop')
+  if impl == 'ragged_dot':
+    yp = kernel('ragged_dot', xp, weights, sizes.astype(jnp.int32))
+  else:
+    xb, *weights = _common_type(xp.reshape(num_blocks, block, K), *weights)
+    yp = kernel('blocks', xb, weights, (block_expert, num_used))
+    yp = yp.reshape(num_blocks * block, -1)
+  return jnp.where(in_group[:, None], yp.at[dest].get(mode='fill', fill_value=0), 0)
+
+
+def _matmul_kernel(kind, x, weights, extra):
+  if kind == 'ragged_dot':
+    return jax.lax.ragged_dot(x, weights[0], extra)
+  return _blocks_matmul(x, weights[0], *extra)
+
+
+def _swiglu_kernel(kind, x, weights, extra):
+  if kind == 'ragged_dot':
+    return _swiglu_ragged(x, *weights, extra)
+  return _blocks_swiglu(x, *weights, *extra)
+
+
+def grouped_matmul_rows(x_NK: jax.Array, w_EKN: jax.Array, group_N: jax.Array, *,
+                        impl: str = 'auto', block: int = 256) -> jax.Array:
+  """Row r -> x[r] @ w[group[r]] for rows in any order; group E = no group (gives 0)."""
+  return _rows_call(_matmul_kernel, x_NK, (jnp.asarray(w_EKN),), group_N, impl, block)
+
+
+def grouped_swiglu_rows(x_ND: jax.Array, w_gate_EDF, w_up_EDF, w_down_EFD,
+                        group_N: jax.Array, *, impl: str = 'auto',
+                        block: int = 256) -> jax.Array:
+  """SwiGLU of expert group[r] on row r, rows in any order; group E = no group (gives 0)."""
+  weights = tuple(jnp.asarray(w) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
+  return _rows_call(_swiglu_kernel, x_ND, weights, group_N, impl, block)

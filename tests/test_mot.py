@@ -164,14 +164,36 @@ def test_bad_mot_config_gives_one_clear_error(arg, message):
   assert message in str(e.value)
 
 
-def test_sorted_rows_round_trip_and_group_sizes():
-  modality = jnp.asarray([[1, 0, 1, 1], [0, 0, 1, 0]])
-  rows = mot.Sorted(modality, (0, 1))
-  np.testing.assert_array_equal(np.asarray(rows.sizes), [4, 4])
-  x = jnp.arange(8.0).reshape(2, 4, 1)
-  sorted_x = rows.sort(x)
-  np.testing.assert_array_equal(np.asarray(sorted_x[:4, 0]), [1, 4, 5, 7])  # text rows first
-  np.testing.assert_array_equal(np.asarray(rows.unsort(sorted_x)), np.asarray(x))
-  skip_text = mot.Sorted(modality, (-1, 0))  # text in no group: image rows first
-  np.testing.assert_array_equal(np.asarray(skip_text.sizes), [4])
-  np.testing.assert_array_equal(np.asarray(skip_text.sort(x)[:4, 0]), [0, 2, 3, 6])
+@pytest.mark.parametrize('impl', ['blocks', 'ragged_dot'])
+def test_grouped_rows_kernels_equal_a_per_row_loop(impl):
+  from moe import grouped
+  rng = np.random.default_rng(0)
+  N, K, F, E = 300, 8, 12, 3
+  x = jnp.asarray(rng.normal(size=(N, K)), jnp.float32)
+  group = jnp.asarray(rng.integers(0, E + 1, N), jnp.int32)  # E = no group
+  w = jnp.asarray(0.3 * rng.normal(size=(E, K, F)), jnp.float32)
+  wg, wu = (jnp.asarray(0.3 * rng.normal(size=(E, K, F)), jnp.float32) for _ in range(2))
+  wd = jnp.asarray(0.3 * rng.normal(size=(E, F, K)), jnp.float32)
+
+  def ref_matmul(x, w):
+    return jnp.stack([x[r] @ w[g] if g < E else jnp.zeros(F) for r, g in
+                      enumerate(np.asarray(group))])
+
+  def ref_swiglu(x, wg, wu, wd):
+    rows = []
+    for r, g in enumerate(np.asarray(group)):
+      rows.append((jax.nn.silu(x[r] @ wg[g]) * (x[r] @ wu[g])) @ wd[g] if g < E
+                  else jnp.zeros(K))
+    return jnp.stack(rows)
+
+  mm = lambda x, w: grouped.grouped_matmul_rows(x, w, group, impl=impl, block=64)
+  sw = lambda x, *w: grouped.grouped_swiglu_rows(x, *w, group, impl=impl, block=64)
+  for fn, ref, args in ((mm, ref_matmul, (x, w)), (sw, ref_swiglu, (x, wg, wu, wd))):
+    np.testing.assert_allclose(np.asarray(fn(*args)), np.asarray(ref(*args)), rtol=1e-5,
+                               atol=1e-5)
+    loss = lambda f: (lambda *a: jnp.sum(jnp.sin(f(*a))))
+    argnums = tuple(range(len(args)))
+    got = jax.grad(loss(fn), argnums)(*args)
+    want = jax.grad(loss(ref), argnums)(*args)
+    for g, r in zip(got, want):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
