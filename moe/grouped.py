@@ -1,6 +1,11 @@
-"""Grouped SwiGLU over rows sorted by expert: the compute of the dropless path.
+"""Grouped matmuls: each row through its own group's weights, at about dense cost.
 
-Rows [N, D] are sorted by expert; group j is the next `group_sizes[j]` rows. Two kernels:
+  grouped_swiglu(x sorted by expert, group_sizes)   the dropless MoE path (moe/dispatch.py)
+  grouped_swiglu_rows / grouped_matmul_rows(x, group id per row)   rows in any order (MoT's
+      modality-untied projections): a counting sort on the group id (E is small) places
+      each row straight into the kernel layout, one gather brings it back; no argsort.
+
+Rows of group j are contiguous in the kernel layout. Two kernels:
 
   'ragged_dot'  `jax.lax.ragged_dot`: a grouped-matmul kernel on GPU/TPU (FLOPs ~ N·D·F).
                 XLA:CPU lowers it to a masked dense product over all E experts (E x the
@@ -12,7 +17,9 @@ Rows [N, D] are sorted by expert; group j is the next `group_sizes[j]` rows. Two
                 place). FLOPs ~ (N + E·block)·D·F: near dense cost on CPU.
 
 'auto' picks 'ragged_dot' on GPU/TPU and 'blocks' on CPU. Both compute the same function
-(tests/test_dispatch.py compares them with the per-token reference).
+(tests/test_dispatch.py and tests/test_mot.py compare them with per-row references).
+Inside `jax.shard_map` the kernels' buffers are typed as varying over the manual axes their
+inputs vary over (`_zeros`, `_common_type`), so they run per shard as well.
 """
 
 from __future__ import annotations
@@ -142,14 +149,19 @@ def _blocks_bwd(res, dy_nbD):
 _blocks_swiglu.defvjp(_blocks_fwd, _blocks_bwd)
 
 
+def _resolve(impl: str) -> str:
+  if impl not in IMPLS:
+    raise ValueError(f'grouped matmul impl {impl!r} is not one of {IMPLS}')
+  if impl == 'auto':
+    return 'blocks' if jax.default_backend() == 'cpu' else 'ragged_dot'
+  return impl
+
+
 def grouped_swiglu(x_ND: jax.Array, w_gate_EDF: jax.Array, w_up_EDF: jax.Array,
                    w_down_EFD: jax.Array, group_sizes_E: jax.Array, *, impl: str = 'auto',
                    block: int = 256) -> jax.Array:
   """SwiGLU of expert j on its group of rows; rows past sum(group_sizes) come out 0."""
-  if impl not in IMPLS:
-    raise ValueError(f'grouped matmul impl {impl!r} is not one of {IMPLS}')
-  if impl == 'auto':
-    impl = 'blocks' if jax.default_backend() == 'cpu' else 'ragged_dot'
+  impl = _resolve(impl)
   sizes = group_sizes_E.astype(jnp.int32)
   if impl == 'ragged_dot':
     return _swiglu_ragged(x_ND, w_gate_EDF, w_up_EDF, w_down_EFD, sizes)
@@ -158,23 +170,6 @@ def grouped_swiglu(x_ND: jax.Array, w_gate_EDF: jax.Array, w_up_EDF: jax.Array,
 
 # ---------------------------------------------------------------------------
 # One grouped matmul (MoT's modality-untied projections): y = x @ w[group of the row].
-
-
-def _block_layout(sizes_E, N: int, block: int):
-  """Where each sorted row goes in the padded block layout (see _swiglu_blocks)."""
-  E = sizes_E.shape[0]
-  num_blocks = -(-N // block) + E
-  padded_sizes = -(-sizes_E // block) * block
-  ends, padded_ends = jnp.cumsum(sizes_E), jnp.cumsum(padded_sizes)
-  starts, padded_starts = ends - sizes_E, padded_ends - padded_sizes
-  row = jnp.arange(N)
-  group = jnp.searchsorted(ends, row, side='right')
-  in_group = group < E
-  g = jnp.minimum(group, E - 1)
-  dest = jnp.where(in_group, padded_starts[g] + row - starts[g], num_blocks * block)
-  block_expert = jnp.searchsorted(padded_ends, jnp.arange(num_blocks) * block, side='right')
-  num_used = jnp.sum(block_expert < E)
-  return num_blocks, dest, in_group, jnp.minimum(block_expert, E - 1), num_used
 
 
 @jax.custom_vjp
@@ -211,31 +206,6 @@ def _blocks_matmul_bwd(res, dy_nbN):
 _blocks_matmul.defvjp(_blocks_matmul_fwd, _blocks_matmul_bwd)
 
 
-def grouped_matmul(x_NK: jax.Array, w_EKN: jax.Array, group_sizes_E: jax.Array, *,
-                   impl: str = 'auto', block: int = 256) -> jax.Array:
-  """Rows sorted by group; row r of group j -> x[r] @ w[j]. Rows past sum(sizes) give 0.
-
-  'ragged_dot' on GPU/TPU; 'blocks' (padded blocks, a loop over the used ones, custom VJP)
-  on CPU: FLOPs ~ (N + E * block) * K * N_out instead of E x.
-  """
-  if impl not in IMPLS:
-    raise ValueError(f'grouped matmul impl {impl!r} is not one of {IMPLS}')
-  if impl == 'auto':
-    impl = 'blocks' if jax.default_backend() == 'cpu' else 'ragged_dot'
-  sizes = group_sizes_E.astype(jnp.int32)
-  if impl == 'ragged_dot':
-    return jax.lax.ragged_dot(x_NK, w_EKN, sizes)
-  N, K = x_NK.shape
-  w_EKN = jnp.asarray(w_EKN)
-  block = max(1, min(block, N))
-  num_blocks, dest, in_group, block_expert, num_used = _block_layout(sizes, N, block)
-  xp = _zeros((num_blocks * block, K), x_NK.dtype, x_NK).at[dest].set(x_NK, mode='drop')
-  xb, w_EKN = _common_type(xp.reshape(num_blocks, block, K), w_EKN)
-  yp = _blocks_matmul(xb, w_EKN, block_expert, num_used)
-  yp = yp.reshape(num_blocks * block, -1)
-  return jnp.where(in_group[:, None], yp.at[dest].get(mode='fill', fill_value=0), 0)
-
-
 # ---------------------------------------------------------------------------
 # Unsorted rows with a group id each (MoT): a counting sort straight into the kernel layout.
 
@@ -261,10 +231,7 @@ def _rows_layout(group_N: jax.Array, E: int, block: int):
 
 def _rows_call(kernel, x_NK, weights, group_N, impl, block):
   """Scatter rows into the layout, run `kernel`, gather the rows back (0 for no group)."""
-  if impl not in IMPLS:
-    raise ValueError(f'grouped matmul impl {impl!r} is not one of {IMPLS}')
-  if impl == 'auto':
-    impl = 'blocks' if jax.default_backend() == 'cpu' else 'ragged_dot'
+  impl = _resolve(impl)
   N, K = x_NK.shape
   E = weights[0].shape[0]
   block = 1 if impl == 'ragged_dot' else max(1, min(block, N))

@@ -137,15 +137,10 @@ def ragged_expert_parallel(x_GSD: jax.Array, route: Routing, w_gate_EDF: jax.Arr
   stats (dropped_fraction = 0, expert_load [E]). Must run under a mesh context with an
   'expert' axis; G must split over data x fsdp x expert. Weights are sharded as in
   `expert_parallel_swiglu`. `exchange` has the signature of `jax.lax.ragged_all_to_all`
-  (see `emulated_ragged_all_to_all`). The grouped matmul is `jax.lax.ragged_dot` (impl
-  'auto' or 'ragged_dot'; the GPU/TPU kernel of moe/grouped.py: its CPU 'blocks' kernel
-  does not run inside shard_map). Rows travel in `dtype`; the combine accumulates in
-  float32.
+  (see `emulated_ragged_all_to_all`). The grouped matmul is moe/grouped.py's (`impl`:
+  ragged_dot on GPU/TPU, padded blocks on CPU). Rows travel in `dtype`; the combine
+  accumulates in float32.
   """
-  if impl == 'blocks':  # its fori_loop carries start invariant: shard_map rejects them
-    raise NotImplementedError("ragged_expert_parallel: grouped impl 'blocks' does not run "
-                              "inside shard_map; use 'ragged_dot'")
-  impl = 'ragged_dot' if impl == 'auto' else impl
   G, S, D = x_GSD.shape
   E = route.num_experts
   n = expert_axis_size()
