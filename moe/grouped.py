@@ -78,8 +78,10 @@ def _swiglu_blocks(x_ND, w_gate, w_up, w_down, sizes_E, block: int):
   group = jnp.searchsorted(ends, row, side='right')  # E for spare rows
   in_group = group < E
   g = jnp.minimum(group, E - 1)
-  dest = jnp.where(in_group, padded_starts[g] + row - starts[g], num_blocks * block)
-  xp = _zeros((num_blocks * block, D), x_ND.dtype, x_ND).at[dest].set(x_ND, mode='drop')
+  # spare rows: distinct out-of-range slots, so every index is unique (see _rows_layout)
+  dest = jnp.where(in_group, padded_starts[g] + row - starts[g], num_blocks * block + row)
+  xp = _zeros((num_blocks * block, D), x_ND.dtype, x_ND).at[dest].set(
+      x_ND, mode='drop', unique_indices=True)
   block_start = jnp.arange(num_blocks) * block
   block_expert = jnp.searchsorted(padded_ends, block_start, side='right')
   num_used = jnp.sum(block_expert < E)  # trailing blocks belong to no expert: skipped
@@ -89,7 +91,8 @@ def _swiglu_blocks(x_ND, w_gate, w_up, w_down, sizes_E, block: int):
                                           w_down)
   yp = _blocks_swiglu(xb, w_gate, w_up, w_down, block_expert, num_used)
   yp = yp.reshape(num_blocks * block, D)
-  return jnp.where(in_group[:, None], yp.at[dest].get(mode='fill', fill_value=0), 0)
+  return jnp.where(in_group[:, None],
+                   yp.at[dest].get(mode='fill', fill_value=0, unique_indices=True), 0)
 
 
 def _blocks_forward(x_nbD, w_gate, w_up, w_down, block_expert, num_used):
@@ -222,8 +225,10 @@ def _rows_layout(group_N: jax.Array, E: int, block: int):
   padded_ends = jnp.cumsum(padded)
   num_blocks = -(-N // block) + (E if block > 1 else 0)
   in_group = group_N < E
+  # Rows in no group get distinct out-of-range slots: every index is unique (faster scatter
+  # and gather on CPU), and the out-of-range ones are dropped / read as 0.
   dest = jnp.where(in_group, (padded_ends - padded)[jnp.minimum(group_N, E - 1)] + rank,
-                   num_blocks * block)
+                   num_blocks * block + jnp.arange(N))
   block_expert = jnp.searchsorted(padded_ends, jnp.arange(num_blocks) * block, side='right')
   num_used = jnp.sum(block_expert < E)
   return num_blocks, dest, in_group, sizes, jnp.minimum(block_expert, E - 1), num_used
@@ -237,14 +242,16 @@ def _rows_call(kernel, x_NK, weights, group_N, impl, block):
   block = 1 if impl == 'ragged_dot' else max(1, min(block, N))
   num_blocks, dest, in_group, sizes, block_expert, num_used = _rows_layout(
       group_N.astype(jnp.int32), E, block)
-  xp = _zeros((num_blocks * block, K), x_NK.dtype, x_NK).at[dest].set(x_NK, mode='drop')
+  xp = _zeros((num_blocks * block, K), x_NK.dtype, x_NK).at[dest].set(
+      x_NK, mode='drop', unique_indices=True)
   if impl == 'ragged_dot':
     yp = kernel('ragged_dot', xp, weights, sizes.astype(jnp.int32))
   else:
     xb, *weights = _common_type(xp.reshape(num_blocks, block, K), *weights)
     yp = kernel('blocks', xb, weights, (block_expert, num_used))
     yp = yp.reshape(num_blocks * block, -1)
-  return jnp.where(in_group[:, None], yp.at[dest].get(mode='fill', fill_value=0), 0)
+  return jnp.where(in_group[:, None],
+                   yp.at[dest].get(mode='fill', fill_value=0, unique_indices=True), 0)
 
 
 def _matmul_kernel(kind, x, weights, extra):
