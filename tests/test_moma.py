@@ -214,7 +214,7 @@ def test_aux_stage_trains_only_the_aux_routers():
   assert float(metrics['loss']) > 0  # the BCE of the aux routers
 
 
-@pytest.mark.parametrize('shape', [(2, 1, 4, 1), (4, 1, 2, 1), (1, 2, 2, 2)])
+@pytest.mark.parametrize('shape', [(2, 1, 4, 1), (1, 2, 2, 2)])  # data x expert; + fsdp, tensor
 def test_sharded_equals_unsharded(shape):
   over = {'model.moma.mlp_dim': 32, 'batch_size': 8}
   ref_loss, ref_grads, _ = loss_and_grads(
