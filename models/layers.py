@@ -45,6 +45,12 @@ def fan_in_init(fan_in: int) -> Initializer:
   return nnx.initializers.truncated_normal(stddev=fan_in ** -0.5)
 
 
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+  """x / rms(x) over the last axis, in float32."""
+  x32 = x.astype(jnp.float32)
+  return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
 class RMSNorm(nnx.Module):
   """y = x / rms(x) * scale, computed in float32."""
 
@@ -54,9 +60,7 @@ class RMSNorm(nnx.Module):
     self.scale = param(rngs, nnx.initializers.ones, (dim,), ('norm',), param_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+    return (rms_normalize(x, self.eps) * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
 def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float):

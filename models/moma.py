@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -144,18 +145,30 @@ class AuxRouter(nnx.Module):
         jnp.float32)
 
 
+class _Pairs(NamedTuple):
+  """One group's routing pairs [G, P_m] and what bounds them."""
+  token: jax.Array
+  expert: jax.Array
+  weight: jax.Array
+  valid: jax.Array
+  per_expert: int  # static bound on one expert's valid pairs in a routing group
+  per_token: float  # valid pairs of the group <= per_token * b_m + extra (b_m: members)
+  extra: int
+  aux_loss: jax.Array
+
+
 def _group_pairs(group: Group, offset: int, logits_GSE, member_GS, spec: MoMaSpec,
-                 aux_logits_GSE):
-  """Pairs (token, expert, weight, valid) [G, P_m] of one group, their per-expert bound and
-  the group's aux loss (topk load balance)."""
+                 aux_logits_GSE) -> _Pairs:
+  """The pairs of one group (untied, causal from its aux router, token choice, or expert
+  choice) with their static bounds and the group's aux loss (top-k load balance)."""
   G, S, _ = logits_GSE.shape
   n = group.experts
   cols = logits_GSE[..., offset:offset + n]  # [G, S, n]
   tokens = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None, :], (G, S))
   zero = jnp.zeros((), jnp.float32)
   if not group.routed:  # the modality's own FFN: every member token, weight 1
-    return (tokens, jnp.full((G, S), offset, jnp.int32), jnp.ones((G, S), jnp.float32),
-            member_GS, S, zero)
+    return _Pairs(tokens, jnp.full((G, S), offset, jnp.int32), jnp.ones((G, S), jnp.float32),
+                  member_GS, S, 1.0, 0, zero)
   if aux_logits_GSE is not None or spec.router == 'topk':
     if aux_logits_GSE is not None:  # causal: each token decides alone, from its aux router
       chosen = aux_logits_GSE > 0  # aux sigmoid > 0.5
@@ -170,9 +183,11 @@ def _group_pairs(group: Group, offset: int, logits_GSE, member_GS, spec: MoMaSpe
       chosen = jnp.ones((G, S, k), bool)
       aux_loss = spec.load_balance_coef * _load_balance(probs, expert, member_GS)
     pairs = lambda a: a.reshape(G, S * k)
-    return (pairs(jnp.repeat(tokens[..., None], k, axis=-1)), pairs(expert + offset),
-            pairs(weight), pairs(chosen & member_GS[..., None]), S, aux_loss)
-  # Expert choice: expert j takes the top ceil(b_m * c) member tokens by its column.
+    return _Pairs(pairs(jnp.repeat(tokens[..., None], k, axis=-1)), pairs(expert + offset),
+                  pairs(weight), pairs(chosen & member_GS[..., None]), S, float(k), 0,
+                  aux_loss)
+  # Expert choice: expert j takes the top ceil(b_m * c) member tokens by its column, so the
+  # group holds n * ceil(b_m c) <= n c b_m + n valid pairs.
   cap = min(S, math.ceil(S * group.capacity - 1e-6))
   masked = jnp.where(member_GS[..., None], cols, -jnp.inf)
   _, token = jax.lax.top_k(jnp.swapaxes(masked, 1, 2), cap)  # [G, n, C]
@@ -184,7 +199,8 @@ def _group_pairs(group: Group, offset: int, logits_GSE, member_GS, spec: MoMaSpe
       jnp.broadcast_to(member_GS[:, None, :], (G, n, S)), token, axis=2)
   expert = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :, None] + offset, token.shape)
   flat = lambda a: a.reshape(G, n * cap)
-  return flat(token), flat(expert), flat(weight), flat(valid), cap, zero
+  return _Pairs(flat(token), flat(expert), flat(weight), flat(valid), cap,
+                n * group.capacity, n, zero)
 
 
 def _load_balance(probs_GSn, expert_GSk, member_GS):
@@ -198,66 +214,47 @@ def _load_balance(probs_GSn, expert_GSk, member_GS):
   return n * jnp.sum(f * p)
 
 
-def max_valid_pairs(spec: MoMaSpec, S: int, causal: bool) -> int:
+def _max_valid(spec: MoMaSpec, parts: list[_Pairs], S: int) -> int:
   """Static bound on the valid pairs of one routing group of S tokens.
 
-  Groups whose modality sets are disjoint share the S tokens (sum of b_m = S): a group
-  holds at most a_m * b_m + const_m valid pairs (untied: b_m; expert choice:
-  E_m * ceil(b_m c_m) <= E_m c_m b_m + E_m; top-k: k b_m; causal: E_m b_m), so together at
-  most S * max(a_m) + sum(const_m). A group of all modalities (the shared pool) adds its own
-  maximum. P = all pairs when the groups overlap otherwise.
+  Groups with disjoint modality sets share the S tokens (sum of b_m = S), each holding at
+  most per_token_m * b_m + extra_m valid pairs: together at most
+  S * max(per_token_m) + sum(extra_m). A group of every modality (the shared pool) adds all
+  its pairs. All pairs when groups overlap otherwise.
   """
-  all_mods = set().union(*(g.modalities for g in spec.groups))
-  split = [g for g in spec.groups if set(g.modalities) != all_mods or len(spec.groups) == 1]
-  pool = [g for g in spec.groups if g not in split]
-  seen: set[int] = set()
-  for g in split:
-    if seen & set(g.modalities):
-      return sum(_pairs_per_group(g, S, spec, causal) for g in spec.groups)
-    seen |= set(g.modalities)
-  slope, const = 0.0, 0
-  for g in split:
-    if not g.routed:
-      slope = max(slope, 1.0)
-    elif causal and spec.router == 'expert_choice':
-      slope = max(slope, float(g.experts))
-    elif spec.router == 'topk':
-      slope = max(slope, float(min(spec.k, g.experts)))
-    else:
-      slope, const = max(slope, g.experts * g.capacity), const + g.experts
-  bound = math.floor(S * slope + 1e-6) + const + sum(
-      _pairs_per_group(g, S, spec, causal) for g in pool)
-  return min(bound, sum(_pairs_per_group(g, S, spec, causal) for g in spec.groups))
-
-
-def _pairs_per_group(g: Group, S: int, spec: MoMaSpec, causal: bool) -> int:
-  """P_m: the pairs `_group_pairs` emits for group g (valid or not)."""
-  if not g.routed:
-    return S
-  if causal and spec.router == 'expert_choice':
-    return S * g.experts
-  if spec.router == 'topk':
-    return S * min(spec.k, g.experts)
-  return g.experts * min(S, math.ceil(S * g.capacity - 1e-6))
+  total = sum(p.token.shape[1] for p in parts)
+  every = set().union(*(g.modalities for g in spec.groups))
+  split = [(g, p) for g, p in zip(spec.groups, parts)
+           if set(g.modalities) != every or len(spec.groups) == 1]
+  pool = sum(p.token.shape[1] for g, p in zip(spec.groups, parts)
+             if set(g.modalities) == every and len(spec.groups) > 1)
+  mods = [m for g, _ in split for m in g.modalities]
+  if len(mods) != len(set(mods)):
+    return total
+  bound = (math.floor(S * max(p.per_token for _, p in split) + 1e-6)
+           + sum(p.extra for _, p in split) + pool)
+  return min(bound, total)
 
 
 def route(spec: MoMaSpec, logits_GSE, modality_GS, member_GS, aux_logits=None):
-  """Routing of all groups -> (Routing, per-expert bound on pairs per group, aux loss).
+  """Routing of all groups -> (Routing, static bound on one expert's valid pairs per routing
+  group, static bound on all valid pairs per routing group, aux loss).
 
   `aux_logits`: {group index: [G, S, E_m]} from the auxiliary routers (causal inference);
   None = batch routing. Pairs are concatenated group after group.
   """
   G, S, E = logits_GSE.shape
-  parts, bound, aux_loss = [], 0, jnp.zeros((), jnp.float32)
+  parts = []
   for i, (group, offset) in enumerate(zip(spec.groups, spec.offsets)):
     member = member_GS & jnp.isin(modality_GS, jnp.asarray(group.modalities))
     aux = None if aux_logits is None else aux_logits.get(i)
-    *pairs, cap, loss = _group_pairs(group, offset, logits_GSE, member, spec, aux)
-    parts.append(pairs)
-    bound, aux_loss = max(bound, cap), aux_loss + loss
-  token, expert, weight, valid = (jnp.concatenate(a, axis=1) for a in zip(*parts))
-  return Routing(token=token, expert=expert, weight=jnp.where(valid, weight, 0.0),
-                 valid=valid, num_experts=E, group_size=S), bound, aux_loss
+    parts.append(_group_pairs(group, offset, logits_GSE, member, spec, aux))
+  token, expert, weight, valid = (jnp.concatenate(a, axis=1) for a in zip(
+      *[(p.token, p.expert, p.weight, p.valid) for p in parts]))
+  route_ = Routing(token=token, expert=expert, weight=jnp.where(valid, weight, 0.0),
+                   valid=valid, num_experts=E, group_size=S)
+  return (route_, max(p.per_expert for p in parts), _max_valid(spec, parts, S),
+          sum((p.aux_loss for p in parts), jnp.zeros((), jnp.float32)))
 
 
 def selection(route_: Routing) -> jax.Array:
@@ -317,11 +314,11 @@ class MoMaFFN(nnx.Module):
     if self.aux_routers and (causal or spec.train_aux):
       x_aux = jax.lax.stop_gradient(x)  # the aux routers never train the main model
       aux_logits = {i: r(x_aux) for i, r in zip(spec.aux_groups(), self.aux_routers)}
-    route_, bound, aux_loss = route(spec, logits, modality, member,
-                                    aux_logits if causal else None)
-    y, stats = moe_layer.run_experts(
-        x, route_, self.experts, dropless=True, capacity=bound, dtype=self.dtype,
-        max_valid=max_valid_pairs(spec, S, causal and bool(self.aux_routers)))
+    route_, per_expert, max_valid, aux_loss = route(spec, logits, modality, member,
+                                                    aux_logits if causal else None)
+    y, stats = moe_layer.run_experts(x, route_, self.experts, dropless=True,
+                                     capacity=per_expert, dtype=self.dtype,
+                                     max_valid=max_valid)
     metrics = {'aux_loss': aux_loss, 'expert_load': stats['expert_load'],
                'load': load_by_modality(route_, modality, member, self.num_modalities)}
     if spec.train_aux and not causal and aux_logits:

@@ -85,8 +85,7 @@ class Norm(nnx.Module):
     self.scale = layers.param(rngs, nnx.initializers.ones, shape, axes, param_dtype)
 
   def __call__(self, x: jax.Array, modality: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    y = layers.rms_normalize(x, self.eps)
     scale = self.scale[...].astype(jnp.float32)
     if scale.ndim == 2:  # each token's own modality's scale: [B, T, (1, ...) dim]
       extra = (1,) * (x.ndim - modality.ndim - 1)

@@ -103,11 +103,11 @@ class Decoder(nnx.Module):
     sin_cos = layers.rope_tables(positions, self.spec.head_dim, self.spec.rope_theta)
     x = self.embed(tokens)
     aux = {}
+    call = lambda b, x, sc, r, m: b(x, sc, r, modality=m, causal=causal)
+    if self.spec.remat:
+      call = nnx.remat(call)
     for i, block in enumerate(self.blocks):
       block_rng = None if rng is None else jax.random.fold_in(rng, i)
-      call = lambda b, x, sc, r, m: b(x, sc, r, modality=m, causal=causal)
-      if self.spec.remat:
-        call = nnx.remat(call)
       x, block_aux = call(block, x, sin_cos, block_rng, modality)
       aux.update({f'layer_{i}/{k}': v for k, v in block_aux.items()})
     x = self.final_norm(x)

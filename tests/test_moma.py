@@ -77,7 +77,8 @@ def test_capacity_per_group_follows_the_config():
   layer = ffn(groups=(('text', 3), ('image', 2)), capacity=(1 / 3, 0.5))
   x, modality = inputs(B=3, T=40)
   logits = jnp.einsum('BTD,DE->BTE', x, layer.router[...])
-  route, bound, _ = moma.route(layer.spec, logits, modality, jnp.ones(modality.shape, bool))
+  route, bound, _, _ = moma.route(layer.spec, logits, modality,
+                                  jnp.ones(modality.shape, bool))
   sel = np.asarray(moma.selection(route))
   for b in range(3):
     b_text, b_image = int((modality[b] == 0).sum()), int((modality[b] == 1).sum())
@@ -266,8 +267,8 @@ def test_valid_pair_bound_holds_so_the_dropless_truncation_loses_nothing(groups,
   for causal in (False, True):
     aux = ({i: jnp.full(logits.shape[:2] + (layer.spec.groups[i].experts,), 1.0)
             for i in layer.spec.aux_groups()} if causal else None)  # every aux router fires
-    route, _, _ = moma.route(layer.spec, logits, modality, jnp.ones((3, 30), bool), aux)
-    bound = moma.max_valid_pairs(layer.spec, 30, causal and bool(layer.spec.aux_groups()))
+    route, _, bound, _ = moma.route(layer.spec, logits, modality, jnp.ones((3, 30), bool),
+                                    aux)
     assert int(jnp.max(jnp.sum(route.valid, axis=1))) <= bound <= route.valid.shape[1]
   y_full, _ = dispatch.dropless_dispatch_combine(x, route, layer.experts)
   y_cut, _ = dispatch.dropless_dispatch_combine(x, route, layer.experts, max_valid=bound)

@@ -107,13 +107,6 @@ def routing_report(aux: dict[str, np.ndarray], *, modality_names=None,
   return {'layers': [layers[i] for i in sorted(layers)]}
 
 
-def causal_eval_step(params, batch, *, graphdef, num_modalities: int):
-  """`step.eval_step` with the auxiliary routers routing (`Decoder(causal=True)`)."""
-  model = nnx.merge(graphdef, params)
-  logits, aux = model(batch, causal=True)
-  return step_lib.token_stats(logits, batch, num_modalities), aux
-
-
 def _main_weights(params) -> dict[str, jax.Array]:
   """Every parameter but the auxiliary routers, by path."""
   return {jax.tree_util.keystr(path): leaf
@@ -199,7 +192,7 @@ def evaluate(config, workdir: str) -> dict:
 
   fn_args = dict(graphdef=layout.graphdef, num_modalities=len(names))
   eval_fn = jax.jit(functools.partial(step_lib.eval_step, **fn_args))
-  causal_fn = jax.jit(functools.partial(causal_eval_step, **fn_args))
+  causal_fn = jax.jit(functools.partial(step_lib.eval_step, causal=True, **fn_args))
   batch_sh = sharding.batch_sharding(mesh)
   totals = _Totals(len(names))
   causal = _Totals(len(names)) if aux_params is not None else None

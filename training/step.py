@@ -82,8 +82,9 @@ def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation,
   return new_state, metrics
 
 
-def eval_step(params, batch, *, graphdef, num_modalities: int):
-  """Per-modality loss/accuracy sums of one batch, plus the model's aux metrics."""
+def eval_step(params, batch, *, graphdef, num_modalities: int, causal: bool = False):
+  """Per-modality loss/accuracy sums of one batch, plus the model's aux metrics.
+  `causal`: MoMa routes with its auxiliary routers (the decode-time function)."""
   model = nnx.merge(graphdef, params)
-  logits, aux = model(batch)
+  logits, aux = model(batch, causal=causal)
   return token_stats(logits, batch, num_modalities), aux
