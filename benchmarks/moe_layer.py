@@ -2,7 +2,8 @@
 
   python benchmarks/moe_layer.py                  # 2 CPU cores: ~1.5 min quiet, ~2.5 busy
   python benchmarks/moe_layer.py --blocks= --repeats=5          # no block-size sweep
-  python benchmarks/moe_layer.py --ragged_dot --blocks= --repeats=1   # + ragged_dot (slow on CPU)
+  python benchmarks/moe_layer.py --impls=ragged_dot --blocks= --repeats=1   # + ragged_dot (slow on CPU)
+  python benchmarks/moe_layer.py --impls=ragged_dot,blocks --compute_dtype=bfloat16   # GPU
 
 Each variant is a jitted `grads(params, x)` of `sum(y * dy) + aux_loss` (gradients with
 respect to the input and every parameter; `dy` a fixed random cotangent) on x [B, T, D] =
@@ -10,12 +11,13 @@ respect to the input and every parameter; `dy` a fixed random cotangent) on x [B
 group per sequence). Variants:
 
   dropless            moe/ MoELayer, dispatch='dropless', top-2 `topk_softmax`, E=8, F=2048:
-                      sort + grouped SwiGLU; on CPU moe/grouped.py 'blocks' at its default block
-  dropless block=N    the same with the blocks kernel's `block=N` (--blocks sweep; the Experts
+                      sort + grouped SwiGLU with moe/grouped.py's 'auto' kernel ('blocks' on
+                      CPU, 'batched' on GPU) at its default block
+  dropless block=N    the same with the kernel's `block=N` (--blocks sweep; the Experts
                       module passes no block, so the sweep wraps grouped.grouped_swiglu while
                       the variant is traced)
-  dropless ragged_dot the same with grouped_impl='ragged_dot' (--ragged_dot; XLA:CPU lowers it
-                      to a dense product over all E experts, ~E x the FLOPs)
+  dropless <impl>     the same with grouped_impl=<impl> (--impls; XLA:CPU and XLA:GPU lower
+                      'ragged_dot' to a dense product over all E experts, ~E x the FLOPs)
   capacity c=1.25     dispatch='capacity': padded [E, G*C, D] buffers, C = ceil(c*k*S/E)
   dense SwiGLU        models/layers.SwiGLU with F = k*F_expert = 4096: the same active FLOPs
   matmul              x <- x @ w, x [4*N*D/H, 3H/2], w [3H/2, 3H/2] (H = k*F): exactly the
@@ -35,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import json
 import os
 import statistics
@@ -67,9 +68,10 @@ _CF = flags.DEFINE_float('capacity_factor', 1.25, 'c of the capacity variant.')
 _BLOCKS = flags.DEFINE_list('blocks', ['512', '1024'],
                             'Extra block sizes of the CPU blocks kernel to time (the default '
                             'block is always timed as "dropless").')
-_RAGGED = flags.DEFINE_bool('ragged_dot', False,
-                            "Also time grouped_impl='ragged_dot' (on CPU ~E x the FLOPs: about "
-                            '12x the dense layer, 20-45 s a call on 2 cores).')
+_IMPLS = flags.DEFINE_list('impls', [],
+                           "Other moe/grouped.py kernels to time as well ('ragged_dot', "
+                           "'blocks', 'batched'; ragged_dot on CPU is ~E x the FLOPs: about "
+                           '12x the dense layer, 20-45 s a call on 2 cores).')
 _DTYPE = flags.DEFINE_enum('compute_dtype', 'float32', ['float32', 'bfloat16'],
                            'Compute dtype of every variant (parameters stay float32).')
 _WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed calls after compilation.')
@@ -78,7 +80,6 @@ _REPEAT_S = flags.DEFINE_float('repeat_seconds', 1.0,
                                'Target length of one repeat of one variant (at least one call).')
 _JSON = flags.DEFINE_string('json', '', 'Also write the results to this JSON file.')
 
-DEFAULT_BLOCK = inspect.signature(grouped.grouped_swiglu).parameters['block'].default
 
 
 @contextlib.contextmanager
@@ -170,7 +171,9 @@ def main(argv):
   print(f'{N} tokens = {groups} routing groups x {N // groups}; D={D}, F={F}, E={E}, '
         f'top-{k} topk_softmax; dense F={H}; {_DTYPE.value} compute')
 
-  auto_impl = 'blocks' if jax.default_backend() == 'cpu' else 'ragged_dot'  # grouped.py 'auto'
+  auto_impl = grouped.AUTO.get(jax.default_backend(), 'ragged_dot')  # grouped.py 'auto'
+  blocked = auto_impl in grouped.BLOCK
+  default_block = grouped.BLOCK.get(auto_impl)
   variants = []  # (name, flops, timer, compile_s, note)
   mm, mm_c = matmul_timer(mm_m, mm_n, dtype)
   variants.append(('matmul', dense_flops, mm, mm_c, f'[{mm_m},{mm_n}] @ [{mm_n},{mm_n}]'))
@@ -178,11 +181,16 @@ def main(argv):
                         rngs=nnx.Rngs(0))
   variants.append(('dense SwiGLU', dense_flops, *layer_timer(dense, x, dy), f'F={H}'))
   moe_runs = [('dropless', 'dropless', 'auto', None,
-               auto_impl + (f', block={DEFAULT_BLOCK}' if auto_impl == 'blocks' else ''))]
-  moe_runs += [(f'dropless block={b}', 'dropless', 'blocks', int(b), f'blocks, block={b}')
-               for b in _BLOCKS.value if int(b) != DEFAULT_BLOCK]
-  if _RAGGED.value:
-    moe_runs.append(('dropless ragged_dot', 'dropless', 'ragged_dot', None, 'ragged_dot'))
+               auto_impl + (f', block={default_block}' if blocked else ''))]
+  moe_runs += [(f'dropless block={b}', 'dropless', auto_impl, int(b), f'{auto_impl}, block={b}')
+               for b in _BLOCKS.value if blocked and int(b) != default_block]
+  for impl in _IMPLS.value:
+    if impl not in grouped.IMPLS:
+      raise app.UsageError(f'--impls: unknown {impl!r}; known: {grouped.IMPLS}')
+    if impl != auto_impl:
+      moe_runs.append((f'dropless {impl}', 'dropless', impl, None,
+                       impl + (f', block={grouped.BLOCK[impl]}' if impl in grouped.BLOCK
+                               else '')))
   moe_runs.append((f'capacity c={_CF.value:g}', 'capacity', 'auto', None,
                    f'C={routing.capacity(N // groups, E, k, _CF.value)} per group'))
   stats = {}
@@ -214,7 +222,7 @@ def main(argv):
                  'over_dense': statistics.median(t / d for t, d in zip(seconds[name], dense_s)),
                  'model_flops': model_flops, 'model_flops_per_s': model_flops / sec})
   head = ('variant', 'kernel / shape', 'ms', '/ dense', 'model TFLOP/s', 'compile s')
-  table = [head] + [(r['variant'], r['note'], f'{r["ms"]:.0f}', f'{r["over_dense"]:.3f}',
+  table = [head] + [(r['variant'], r['note'], f'{r["ms"]:.4g}', f'{r["over_dense"]:.3f}',
                      f'{r["model_flops_per_s"] / 1e12:.4f}', f'{r["compile_s"]:.1f}')
                     for r in rows]
   widths = [max(len(line[i]) for line in table) for i in range(len(head))]

@@ -11,7 +11,7 @@ slice. Attention stays ONE global causal attention over the mixed sequence:
     y = h + Norm_m(FFN_m(h))           FFN_m = grouped SwiGLU over the sorted rows
 
 No router, no aux loss, no dropped tokens. The grouped matmuls (moe/grouped.py:
-`jax.lax.ragged_dot` on GPU/TPU, padded blocks on CPU) keep the FLOPs per token at the dense
+`ragged_dot` on TPU, padded blocks on GPU and CPU) keep the FLOPs per token at the dense
 model's; placing the rows and gathering them back are one scatter and one gather.
 
 Parallelism: the untied projections run per batch shard inside `jax.shard_map` (each device

@@ -7,8 +7,8 @@ SwiGLU as models/layers.py. Two ways to run all of them at once:
                                  over E); for capacity dispatch and expert parallelism.
   ragged_apply(x_ND, sizes_E)    rows sorted by expert, group j = the next sizes_E[j] rows;
                                  grouped matmuls (dropless path): moe/grouped.py picks
-                                 `jax.lax.ragged_dot` on GPU/TPU and padded blocks on CPU
-                                 (where ragged_dot lowers to E x the FLOPs).
+                                 `jax.lax.ragged_dot` on TPU and padded blocks on GPU and
+                                 CPU (where XLA lowers ragged_dot to E x the FLOPs).
 
 Parameters are stored in `param_dtype` and cast to `dtype` for the matmuls, as in
 models/layers.py. The stacked axis carries the logical name 'expert' (mapped to the mesh
@@ -78,8 +78,8 @@ class Experts(nnx.Module):
 
     x_ND [N, D] sorted by expert; group_sizes_E int32 [E] with sum <= N. Returns [N, D] in
     the compute dtype; rows past sum(group_sizes_E) belong to no expert and come out 0.
-    The kernel is `self.grouped_impl` (moe/grouped.py: ragged_dot on GPU/TPU, blocks on
-    CPU, where ragged_dot costs E x the FLOPs).
+    The kernel is `self.grouped_impl` (moe/grouped.py: ragged_dot on TPU, batched blocks
+    on GPU, a loop over blocks on CPU; XLA lowers ragged_dot to E x the FLOPs on both).
     """
     assert group_sizes_E.shape == (self.num_experts,), group_sizes_E.shape
     w_gate, w_up, w_down = self._weights()

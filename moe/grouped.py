@@ -5,18 +5,26 @@
       modality-untied projections): a counting sort on the group id (E is small) places
       each row straight into the kernel layout, one gather brings it back; no argsort.
 
-Rows of group j are contiguous in the kernel layout. Two kernels:
+Rows of group j are contiguous in the kernel layout. Three kernels:
 
-  'ragged_dot'  `jax.lax.ragged_dot`: a grouped-matmul kernel on GPU/TPU (FLOPs ~ N·D·F).
-                XLA:CPU lowers it to a masked dense product over all E experts (E x the
+  'ragged_dot'  `jax.lax.ragged_dot`: a grouped-matmul kernel on TPU (FLOPs ~ N·D·F).
+                XLA:CPU and XLA:GPU lower it to a dense product over all E experts (E x the
                 FLOPs), so it is not used there by default.
   'blocks'      MegaBlocks-style: each group is padded to a multiple of `block` rows, the
                 padded rows are cut into blocks that each belong to one expert, and a
                 loop over the used blocks runs one [block, D] x [D, F] SwiGLU per block
                 with that expert's weights (custom VJP: weight gradients accumulate in
                 place). FLOPs ~ (N + E·block)·D·F: near dense cost on CPU.
+  'batched'     the same block layout, but every block in one batched matmul, each block
+                with its expert's weights gathered ([num_blocks, D, F] per weight; their
+                gradients summed back per expert by autodiff). FLOPs ~ (N + E·block)·D·F
+                plus that gather: a few large GEMMs instead of a loop of small ones.
 
-'auto' picks 'ragged_dot' on GPU/TPU and 'blocks' on CPU. Both compute the same function
+'auto' picks 'ragged_dot' on TPU, 'batched' on GPU and 'blocks' on CPU. On GPU (jax 0.11.2,
+H100) XLA lowers `ragged_dot` to a dense product over all E experts, as XLA:CPU does: the
+dropless layer took 8.3x (float32) / 8.5x (bfloat16) a dense FFN of equal active FLOPs with
+it, 2.0x / 2.2x with 'batched' at block 512, and 7.6x / 10.9x with the loop of 'blocks'
+(benchmarks/moe_layer.py; docs/moe.md). All three compute the same function
 (tests/test_dispatch.py and tests/test_mot.py compare them with per-row references).
 Inside `jax.shard_map` the kernels' buffers are typed as varying over the manual axes their
 inputs vary over (`_zeros`, `_common_type`), so they run per shard as well.
@@ -24,10 +32,16 @@ inputs vary over (`_zeros`, `_common_type`), so they run per shard as well.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-IMPLS = ('auto', 'ragged_dot', 'blocks')
+IMPLS = ('auto', 'ragged_dot', 'blocks', 'batched')
+AUTO = {'cpu': 'blocks', 'gpu': 'batched', 'cuda': 'batched', 'rocm': 'batched'}  # else ragged_dot
+# Default rows per block (block=None), the best of benchmarks/moe_layer.py's sweeps: 2-core
+# CPU for 'blocks', H100 for 'batched' (docs/moe.md).
+BLOCK = {'blocks': 256, 'batched': 512}
 
 
 def _varying_axes(*arrays) -> tuple[str, ...]:
@@ -65,7 +79,7 @@ def _swiglu_ragged(x, w_gate, w_up, w_down, sizes):
   return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, sizes)
 
 
-def _swiglu_blocks(x_ND, w_gate, w_up, w_down, sizes_E, block: int):
+def _swiglu_blocks(x_ND, w_gate, w_up, w_down, sizes_E, block: int, batched: bool = False):
   N, D = x_ND.shape
   E = sizes_E.shape[0]
   block = max(1, min(block, N))
@@ -89,7 +103,10 @@ def _swiglu_blocks(x_ND, w_gate, w_up, w_down, sizes_E, block: int):
 
   xb, w_gate, w_up, w_down = _common_type(xp.reshape(num_blocks, block, D), w_gate, w_up,
                                           w_down)
-  yp = _blocks_swiglu(xb, w_gate, w_up, w_down, block_expert, num_used)
+  if batched:
+    yp = _batched_swiglu(xb, w_gate, w_up, w_down, block_expert)
+  else:
+    yp = _blocks_swiglu(xb, w_gate, w_up, w_down, block_expert, num_used)
   yp = yp.reshape(num_blocks * block, D)
   return jnp.where(in_group[:, None],
                    yp.at[dest].get(mode='fill', fill_value=0, unique_indices=True), 0)
@@ -152,23 +169,62 @@ def _blocks_bwd(res, dy_nbD):
 _blocks_swiglu.defvjp(_blocks_fwd, _blocks_bwd)
 
 
+def _take_blocks(w_E, block_expert):
+  """w[block_expert]: each block's copy of its expert's weights."""
+  return _take(w_E.shape[0], w_E, block_expert)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _take(E, w_E, block_expert):
+  del E
+  return jnp.take(w_E, block_expert, axis=0)
+
+
+def _take_fwd(E, w_E, block_expert):
+  return _take(E, w_E, block_expert), block_expert
+
+
+def _take_bwd(E, block_expert, g_n):
+  """Sum of the blocks' gradients per expert as one float32 matmul with a one-hot [E, nb]
+  (exact: one 1 per block) rather than autodiff's scatter-add, which XLA:GPU runs with
+  atomics, emulated and slow for bfloat16."""
+  onehot = jax.nn.one_hot(block_expert, E, dtype=jnp.float32, axis=0)  # [E, nb]
+  g = jnp.einsum('en,n...->e...', onehot, g_n.astype(jnp.float32),
+                 precision=jax.lax.Precision.HIGHEST)
+  return g.astype(g_n.dtype), None
+
+
+_take.defvjp(_take_fwd, _take_bwd)
+
+
+def _batched_swiglu(x_nbD, w_gate, w_up, w_down, block_expert):
+  """Every block through its expert in one batched matmul per weight. Blocks that belong to
+  no expert hold zero rows (block_expert clipped to E - 1), so they come out 0."""
+  wg, wu, wd = (_take_blocks(w, block_expert) for w in (w_gate, w_up, w_down))
+  h = jax.nn.silu(jnp.einsum('nbd,ndf->nbf', x_nbD, wg)) * jnp.einsum('nbd,ndf->nbf', x_nbD, wu)
+  return jnp.einsum('nbf,nfd->nbd', h, wd)
+
+
 def _resolve(impl: str) -> str:
   if impl not in IMPLS:
     raise ValueError(f'grouped matmul impl {impl!r} is not one of {IMPLS}')
   if impl == 'auto':
-    return 'blocks' if jax.default_backend() == 'cpu' else 'ragged_dot'
+    return AUTO.get(jax.default_backend(), 'ragged_dot')
   return impl
 
 
 def grouped_swiglu(x_ND: jax.Array, w_gate_EDF: jax.Array, w_up_EDF: jax.Array,
                    w_down_EFD: jax.Array, group_sizes_E: jax.Array, *, impl: str = 'auto',
-                   block: int = 256) -> jax.Array:
-  """SwiGLU of expert j on its group of rows; rows past sum(group_sizes) come out 0."""
+                   block: int | None = None) -> jax.Array:
+  """SwiGLU of expert j on its group of rows; rows past sum(group_sizes) come out 0.
+  `block`: rows per block of 'blocks' / 'batched' (None: BLOCK[impl])."""
   impl = _resolve(impl)
+  block = block or BLOCK.get(impl, 1)
   sizes = group_sizes_E.astype(jnp.int32)
   if impl == 'ragged_dot':
     return _swiglu_ragged(x_ND, w_gate_EDF, w_up_EDF, w_down_EFD, sizes)
-  return _swiglu_blocks(x_ND, w_gate_EDF, w_up_EDF, w_down_EFD, sizes, block)
+  return _swiglu_blocks(x_ND, w_gate_EDF, w_up_EDF, w_down_EFD, sizes, block,
+                        batched=impl == 'batched')
 
 
 # ---------------------------------------------------------------------------
@@ -239,7 +295,7 @@ def _rows_call(kernel, x_NK, weights, group_N, impl, block):
   impl = _resolve(impl)
   N, K = x_NK.shape
   E = weights[0].shape[0]
-  block = 1 if impl == 'ragged_dot' else max(1, min(block, N))
+  block = 1 if impl == 'ragged_dot' else max(1, min(block or BLOCK[impl], N))
   num_blocks, dest, in_group, sizes, block_expert, num_used = _rows_layout(
       group_N.astype(jnp.int32), E, block)
   xp = _zeros((num_blocks * block, K), x_NK.dtype, x_NK).at[dest].set(
@@ -248,7 +304,7 @@ def _rows_call(kernel, x_NK, weights, group_N, impl, block):
     yp = kernel('ragged_dot', xp, weights, sizes.astype(jnp.int32))
   else:
     xb, *weights = _common_type(xp.reshape(num_blocks, block, K), *weights)
-    yp = kernel('blocks', xb, weights, (block_expert, num_used))
+    yp = kernel(impl, xb, weights, (block_expert, num_used))
     yp = yp.reshape(num_blocks * block, -1)
   return jnp.where(in_group[:, None],
                    yp.at[dest].get(mode='fill', fill_value=0, unique_indices=True), 0)
@@ -257,24 +313,28 @@ def _rows_call(kernel, x_NK, weights, group_N, impl, block):
 def _matmul_kernel(kind, x, weights, extra):
   if kind == 'ragged_dot':
     return jax.lax.ragged_dot(x, weights[0], extra)
+  if kind == 'batched':
+    return jnp.einsum('nbk,nkm->nbm', x, _take_blocks(weights[0], extra[0]))
   return _blocks_matmul(x, weights[0], *extra)
 
 
 def _swiglu_kernel(kind, x, weights, extra):
   if kind == 'ragged_dot':
     return _swiglu_ragged(x, *weights, extra)
+  if kind == 'batched':
+    return _batched_swiglu(x, *weights, extra[0])
   return _blocks_swiglu(x, *weights, *extra)
 
 
 def grouped_matmul_rows(x_NK: jax.Array, w_EKN: jax.Array, group_N: jax.Array, *,
-                        impl: str = 'auto', block: int = 256) -> jax.Array:
+                        impl: str = 'auto', block: int | None = None) -> jax.Array:
   """Row r -> x[r] @ w[group[r]] for rows in any order; group E = no group (gives 0)."""
   return _rows_call(_matmul_kernel, x_NK, (jnp.asarray(w_EKN),), group_N, impl, block)
 
 
 def grouped_swiglu_rows(x_ND: jax.Array, w_gate_EDF, w_up_EDF, w_down_EFD,
                         group_N: jax.Array, *, impl: str = 'auto',
-                        block: int = 256) -> jax.Array:
+                        block: int | None = None) -> jax.Array:
   """SwiGLU of expert group[r] on row r, rows in any order; group E = no group (gives 0)."""
   weights = tuple(jnp.asarray(w) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
   return _rows_call(_swiglu_kernel, x_ND, weights, group_N, impl, block)

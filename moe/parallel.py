@@ -15,7 +15,8 @@ Static shapes, so it works on every backend. A dropless layer uses it with capac
 worst case (every token of a group at one expert): exact, but it moves and computes
 E x the rows of the real pairs' worth.
 
-Ragged (`ragged_expert_parallel`; dropless on GPU/TPU). Only the real rows travel:
+Ragged (`ragged_expert_parallel`; dropless on TPU, and wherever RAGGED_EP asks). Only the
+real rows travel:
 
     local valid pairs [N = G_local * P] --stable sort by expert (invalid last)--> rows [N, D]
       counts [E] --all_gather over 'expert'--> [n, E]: every send / receive size and offset
@@ -25,7 +26,7 @@ Ragged (`ragged_expert_parallel`; dropless on GPU/TPU). Only the real rows trave
       --weighted scatter-add (float32)--> y [G_local, S, D]  (psum over 'tensor')
 
 The exchange is injectable: `jax.lax.ragged_all_to_all` (compiles on GPU/TPU; XLA:CPU only
-lowers it) or `emulated_ragged_all_to_all`, the same semantics from `all_to_all` of padded
+lowers it; slow on one H100, see RAGGED_EP) or `emulated_ragged_all_to_all`, the same semantics from `all_to_all` of padded
 chunks, which runs everywhere (tests; CPU). `RAGGED_EP` picks the path (`ragged_exchange`).
 """
 
@@ -39,14 +40,16 @@ from moe.routing import Routing
 from training import sharding
 
 # Dropless layers under expert parallelism, read by moe/layer.py: run_experts:
-#   'auto'     jax.lax.ragged_all_to_all where the backend compiles it (RAGGED_BACKENDS),
-#              the padded all_to_all path elsewhere (CPU)
+#   'auto'     jax.lax.ragged_all_to_all on RAGGED_BACKENDS, the padded all_to_all path
+#              elsewhere. Not GPU: on one H100 (jax 0.11.2) the path with the real collective
+#              took 15.9x the one-device dropless layer, and 1.12x with the emulated exchange
+#              (benchmarks/ragged_ep.py; docs/moe.md). Multi-GPU hosts: measure, then 'on'.
 #   'on'       jax.lax.ragged_all_to_all on every backend (lowers on CPU, does not compile)
 #   'emulate'  the ragged path with emulated_ragged_all_to_all (any backend; tests)
 #   'off'      the padded path
 RAGGED_EP = 'auto'
 RAGGED_MODES = ('auto', 'on', 'emulate', 'off')
-RAGGED_BACKENDS = ('gpu', 'cuda', 'rocm', 'tpu')
+RAGGED_BACKENDS = ('tpu',)
 
 
 def expert_axis_size() -> int:
@@ -138,7 +141,7 @@ def ragged_expert_parallel(x_GSD: jax.Array, route: Routing, w_gate_EDF: jax.Arr
   'expert' axis; G must split over data x fsdp x expert. Weights are sharded as in
   `expert_parallel_swiglu`. `exchange` has the signature of `jax.lax.ragged_all_to_all`
   (see `emulated_ragged_all_to_all`). The grouped matmul is moe/grouped.py's (`impl`:
-  ragged_dot on GPU/TPU, padded blocks on CPU). Rows travel in `dtype`; the combine
+  'auto': ragged_dot on TPU, padded blocks on GPU and CPU). Rows travel in `dtype`; the combine
   accumulates in float32.
   """
   G, S, D = x_GSD.shape

@@ -293,9 +293,9 @@ def test_bfloat16_compute_keeps_x_dtype_and_stays_close():
 
 
 @pytest.mark.parametrize('impl,block', [('ragged_dot', 0), ('blocks', 2), ('blocks', 4),
-                                        ('blocks', 256)])
+                                        ('blocks', 256), ('batched', 4), ('batched', 256)])
 def test_grouped_kernels_match_per_row_reference(impl, block):
-  """moe/grouped.py: both kernels, blocks smaller and larger than the groups, an empty group,
+  """moe/grouped.py: every kernel, blocks smaller and larger than the groups, an empty group,
   a spare trailing row (must come out 0), values and gradients."""
   experts = make_experts(seed=11)
   w = tuple(v[...] for v in (experts.w_gate, experts.w_up, experts.w_down))

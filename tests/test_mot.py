@@ -163,7 +163,7 @@ def test_bad_mot_config_gives_one_clear_error(arg, message):
   assert message in str(e.value)
 
 
-@pytest.mark.parametrize('impl', ['blocks', 'ragged_dot'])
+@pytest.mark.parametrize('impl', ['blocks', 'ragged_dot', 'batched'])
 def test_grouped_rows_kernels_equal_a_per_row_loop(impl):
   from moe import grouped
   rng = np.random.default_rng(0)

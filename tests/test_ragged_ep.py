@@ -175,3 +175,22 @@ def test_cpu_default_keeps_the_padded_path(monkeypatch):
   monkeypatch.setattr(parallel, 'RAGGED_EP', 'sometimes')
   with pytest.raises(ValueError, match='RAGGED_EP'):
     parallel.ragged_exchange()
+
+
+def test_benchmark_script_checks_the_ragged_path_on_a_mesh():
+  """benchmarks/ragged_ep.py (the GPU check of docs/moe.md) on 8 CPU devices, emulated
+  exchange: both paths pass its numerical check against the one-device layer."""
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  out = subprocess.run(
+      [sys.executable, 'benchmarks/ragged_ep.py', '--exchange=emulate', '--data=2',
+       '--expert=4', '--groups=8', '--group_size=16', '--embed_dim=8', '--mlp_dim=16',
+       '--repeats=1', '--repeat_seconds=0.01'],
+      cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert out.stdout.count('[ok at') == 2 and 'ragged/padded time ratio:' in out.stdout
+  assert "mesh {'data': 2, 'fsdp': 1, 'expert': 4, 'tensor': 1}" in out.stdout
