@@ -8,7 +8,7 @@
 Routing groups are `group_size` consecutive tokens of the flattened batch (0 = one sequence
 per group), a property of the data, so the function is the same on every mesh. Under
 expert parallelism (mesh axis `expert` > 1) a dropless layer sends only its real rows with
-a ragged all-to-all on TPU; elsewhere (GPU, CPU) and for capacity dispatch the padded
+a ragged all-to-all on GPU/TPU; elsewhere (CPU) and for capacity dispatch the padded
 all_to_all path of moe/parallel.py runs, a dropless layer then with capacity = group size
 (no token can be dropped). Either way the result equals the single-device one.
 
@@ -137,7 +137,7 @@ def run_experts(x_GSD: jax.Array, route: routing.Routing, experts: Experts, *,
 
   One device: dropless = sort + grouped matmul, capacity = padded buffers. Under expert
   parallelism (mesh axis `expert` > 1) a dropless layer moves only its real rows with a
-  ragged all-to-all where `parallel.ragged_exchange()` gives one (TPU by default;
+  ragged all-to-all where `parallel.ragged_exchange()` gives one (GPU/TPU by default;
   `parallel.RAGGED_EP`); otherwise, and for capacity dispatch, the padded all_to_all path
   of moe/parallel.py runs with that capacity, so a dropless layer drops nothing there either.
   `max_valid` (dropless, one device): a static bound on the valid pairs of one group (see

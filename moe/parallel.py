@@ -15,8 +15,7 @@ Static shapes, so it works on every backend. A dropless layer uses it with capac
 worst case (every token of a group at one expert): exact, but it moves and computes
 E x the rows of the real pairs' worth.
 
-Ragged (`ragged_expert_parallel`; dropless on TPU, and wherever RAGGED_EP asks). Only the
-real rows travel:
+Ragged (`ragged_expert_parallel`; dropless on GPU/TPU). Only the real rows travel:
 
     local valid pairs [N = G_local * P] --stable sort by expert (invalid last)--> rows [N, D]
       counts [E] --all_gather over 'expert'--> [n, E]: every send / receive size and offset
@@ -26,7 +25,7 @@ real rows travel:
       --weighted scatter-add (float32)--> y [G_local, S, D]  (psum over 'tensor')
 
 The exchange is injectable: `jax.lax.ragged_all_to_all` (compiles on GPU/TPU; XLA:CPU only
-lowers it; slow on one H100, see RAGGED_EP) or `emulated_ragged_all_to_all`, the same semantics from `all_to_all` of padded
+lowers it; see RAGGED_EP for a GPU caveat) or `emulated_ragged_all_to_all`, the same semantics from `all_to_all` of padded
 chunks, which runs everywhere (tests; CPU). `RAGGED_EP` picks the path (`ragged_exchange`).
 """
 
@@ -41,15 +40,16 @@ from training import sharding
 
 # Dropless layers under expert parallelism, read by moe/layer.py: run_experts:
 #   'auto'     jax.lax.ragged_all_to_all on RAGGED_BACKENDS, the padded all_to_all path
-#              elsewhere. Not GPU: on one H100 (jax 0.11.2) the path with the real collective
-#              took 15.9x the one-device dropless layer, and 1.12x with the emulated exchange
-#              (benchmarks/ragged_ep.py; docs/moe.md). Multi-GPU hosts: measure, then 'on'.
+#              elsewhere (CPU). The padded path computes E x the real rows for a dropless
+#              layer; the ragged one only the real rows, but on one H100 (jax 0.11.2, forced
+#              with expert=1) XLA's collective took ~50 ms for 32 MB (docs/moe.md). Multi-GPU
+#              hosts: compare with benchmarks/ragged_ep.py, and set 'off' if padded wins.
 #   'on'       jax.lax.ragged_all_to_all on every backend (lowers on CPU, does not compile)
 #   'emulate'  the ragged path with emulated_ragged_all_to_all (any backend; tests)
 #   'off'      the padded path
 RAGGED_EP = 'auto'
 RAGGED_MODES = ('auto', 'on', 'emulate', 'off')
-RAGGED_BACKENDS = ('tpu',)
+RAGGED_BACKENDS = ('gpu', 'cuda', 'rocm', 'tpu')
 
 
 def expert_axis_size() -> int:
