@@ -228,6 +228,27 @@ def _check_process(global_batch_size, process_index, process_count):
                      f'{process_count=}')
 
 
+class _ProcessRows(grain.MapDataset):
+  """This process's rows of the global batches: element k is row k % local of this
+  process's part (rows [p * local, (p + 1) * local)) of global batch k // local. So the
+  global batches, and the random coin of each element, do not depend on the number of
+  processes, and each process reads only its own rows."""
+
+  def __init__(self, parent: grain.MapDataset, local: int, process_index: int,
+               process_count: int):
+    super().__init__(parent)
+    self.local, self.index, self.count = local, process_index, process_count
+
+  def __len__(self) -> int:
+    return len(self._parent) // self.count
+
+  def __getitem__(self, k):
+    if isinstance(k, slice):
+      return self.slice(k)
+    batch, row = divmod(k, self.local)
+    return self._parent[(batch * self.count + self.index) * self.local + row]
+
+
 def _finish(ds: grain.MapDataset, batch_size: int, num_workers: int):
   # Batching the MapDataset makes batch k the same whatever num_workers is:
   # worker processes (or read threads) each build whole batches, round robin.
@@ -250,20 +271,21 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, seq_len: int,
 
   Yields dicts of numpy arrays tokens, targets, modality, target_modality
   (int32) and loss_mask (float32), each [global_batch_size // process_count,
-  seq_len]. The iterator has get_state() / set_state(state); the state is a
+  seq_len]: this process's rows of the global batch, which is the same for any
+  process_count (records shuffled over the whole split, every epoch). The iterator has get_state() / set_state(state); the state is a
   small JSON-serialisable dict. Batches do not depend on data.num_workers,
   but the state's format does: restore with the same num_workers.
   """
   _check_process(global_batch_size, process_index, process_count)
   source, label_names = _data_source(data_cfg, 'train_split')
   ds = grain.MapDataset.source(source).seed(seed)
-  ds = ds[process_index::process_count]
   if not len(ds):
-    raise ValueError(f'split {data_cfg.train_split!r} has no records for '
-                     f'process {process_index} of {process_count}')
+    raise ValueError(f'split {data_cfg.train_split!r} has no records')
   ds = ds.shuffle().repeat(None)
   ds = ds.random_map(_TrainMap(_Encoder(data_cfg, seq_len, label_names)))
   batch = global_batch_size // process_count
+  if process_count > 1:
+    ds = _ProcessRows(ds, batch, process_index, process_count)
   return iter(_finish(ds, batch, data_cfg.num_workers))
 
 

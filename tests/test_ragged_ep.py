@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from moe import dispatch, layer, parallel
+from moe import layer, parallel
 from moe.experts import Experts
 from moe.routing import Routing
 from training import sharding

@@ -4,9 +4,14 @@
   data/   the Grain iterator state (JSON): where the input pipeline stands
   meta/   the config the run was started with (JSON), for humans and mismatch checks
 
-Saves are asynchronous and committed atomically by Orbax (a step directory appears only
-once complete), so `latest_step()` always names a usable checkpoint. Restoring takes the
-abstract state of the *current* mesh, so a run saved on one mesh resumes on another.
+Saves are asynchronous and committed atomically by Orbax: it writes into
+`<step>.orbax-checkpoint-tmp-*` and renames when done, so a crash or kill -9 mid-save leaves
+no half-written `<step>/`. A step directory that still lacks Orbax's metadata or one of the
+items (copied by hand, a broken disk) is moved aside to `<step>.incomplete` when the run
+starts, with a warning, and the newest complete step is the one resumed. Restoring takes
+the abstract state of the *current* mesh, so a run saved on one mesh resumes on another.
+Everything that cannot be read gives one `CheckpointError` naming the step directory and
+the problem; nothing is ever deleted.
 """
 
 from __future__ import annotations
@@ -14,7 +19,84 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import orbax.checkpoint as ocp
+from absl import logging
+
+ITEMS = ('state', 'data', 'meta')
+_ORBAX_METADATA = '_CHECKPOINT_METADATA'
+
+# Config keys a resumed run may change: where and how it runs, not what it computes
+# (`upcycle_from` is read only by a run's first start).
+RESUMABLE_KEYS = ('mesh', 'log_every', 'checkpoint_every', 'max_checkpoints', 'eval',
+                  'data.data_dir', 'data.num_workers', 'model.attention_impl', 'model.remat',
+                  'upcycle_from')
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be used, named with the reason; it is left as it is."""
+
+
+def _flatten(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    key = f'{prefix}{k}'
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + '.'))
+    else:
+      out[key] = v
+  return out
+
+
+def config_changes(saved: dict, config) -> list[str]:
+  """'key: saved -> now' for each key that differs, other than RESUMABLE_KEYS."""
+  a, b = _flatten(saved), _flatten(json.loads(config.to_json()))
+  free = lambda k: any(k == r or k.startswith(r + '.') for r in RESUMABLE_KEYS)  # noqa: E731
+  return [f'{k}: {a.get(k, "<absent>")!r} -> {b.get(k, "<absent>")!r}'
+          for k in sorted(set(a) | set(b)) if not free(k) and a.get(k) != b.get(k)]
+
+
+def _key_name(k) -> str:
+  for attr in ('key', 'idx', 'name'):  # DictKey, SequenceKey, GetAttrKey
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _by_path(tree) -> dict:
+  """{'params/blocks/0/attn/wq': leaf} for a state tree or Orbax's metadata of one (whose
+  dicts spell nnx's `.value` and namedtuple fields as keys: the same names here)."""
+  leaves = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: hasattr(x, 'shape') and hasattr(x, 'dtype'))[0]
+  out = {}
+  for path, leaf in leaves:
+    name = '/'.join(_key_name(k) for k in path)
+    out[name[:-len('/value')] if name.endswith('/value') else name] = leaf
+  return out
+
+
+def _incomplete(step_dir: str) -> list[str]:
+  """What a committed step directory lacks (empty: complete)."""
+  return [name for name in (_ORBAX_METADATA,) + ITEMS
+          if not os.path.exists(os.path.join(step_dir, name))]
+
+
+def _set_incomplete_aside(directory: str) -> None:
+  """Process 0 renames step dirs that lack files to `<step>.incomplete[.n]`, warning."""
+  if jax.process_index() != 0 or not os.path.isdir(directory):
+    return
+  for name in sorted(os.listdir(directory)):
+    path = os.path.join(directory, name)
+    if not (name.isdigit() and os.path.isdir(path)):
+      continue
+    missing = _incomplete(path)
+    if missing:
+      aside, n = f'{path}.incomplete', 1
+      while os.path.exists(aside):
+        aside, n = f'{path}.incomplete.{n}', n + 1
+      os.rename(path, aside)
+      logging.warning('checkpoint %s lacks %s: not a complete checkpoint; moved to %s',
+                      path, missing, aside)
 
 
 class Checkpointer:
@@ -22,9 +104,15 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    _set_incomplete_aside(self.directory)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices('checkpoints scanned')
     self._manager = ocp.CheckpointManager(
         self.directory,
-        item_names=('state', 'data', 'meta'),
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'data': ocp.JsonCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              enable_async_checkpointing=async_save))
 
@@ -40,17 +128,55 @@ class Checkpointer:
         data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave({'config': json.loads(config_json)})), force=True)
 
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def check_shapes(self, step: int, abstract_state) -> None:
+    """CheckpointError naming the arrays whose saved shape or dtype differ from
+    `abstract_state`'s (or that one side lacks), read from metadata only."""
+    try:
+      saved = self._manager.item_metadata(step)['state']
+      saved = getattr(saved, 'tree', saved)
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f'cannot restore checkpoint {self.step_dir(step)}: its metadata '
+                            f'is unreadable ({type(e).__name__}: {str(e)[:300]}). It is left '
+                            'as it is: move it away to resume from an earlier step, or use '
+                            'another --workdir.') from None
+    have, want = _by_path(saved), _by_path(abstract_state)
+    order = lambda k: (not k.startswith('params/'), k)  # noqa: E731  params first
+    diffs = [f'{k}: saved {tuple(have[k].shape)} {have[k].dtype}, this config '
+             f'{tuple(want[k].shape)} {want[k].dtype}'
+             for k in sorted(set(have) & set(want), key=order)
+             if tuple(have[k].shape) != tuple(want[k].shape) or have[k].dtype != want[k].dtype]
+    diffs += [f'{k}: only in the checkpoint' for k in sorted(set(have) - set(want), key=order)]
+    diffs += [f'{k}: not in the checkpoint' for k in sorted(set(want) - set(have), key=order)]
+    if diffs:
+      more = f' (and {len(diffs) - 6} more)' if len(diffs) > 6 else ''
+      raise CheckpointError(f'checkpoint {self.step_dir(step)} does not fit this config\'s '
+                            f'model: ' + '; '.join(diffs[:6]) + more)
+
   def restore(self, step: int, abstract_state):
     """-> (state laid out as `abstract_state`'s shardings, data iterator state)."""
-    out = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=ocp.args.JsonRestore()))
+    self.check_shapes(step, abstract_state)
+    try:
+      out = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(
+          f'cannot restore checkpoint {self.step_dir(step)} ({type(e).__name__}: '
+          f'{str(e)[:300]}). It is left as it is: move it away to resume from an earlier '
+          f'step (steps here: {self.all_steps()}), or use another --workdir.') from None
     return out['state'], out['data']
 
   def read_config(self, step: int) -> dict:
     """The config (as a dict) the run that wrote `step` was started with."""
-    out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return out['meta']['config']
+    try:
+      out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      return out['meta']['config']
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f'cannot read the config saved in {self.step_dir(step)}/meta '
+                            f'({type(e).__name__}: {str(e)[:200]})') from None
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -47,7 +47,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import nnx
 
 from data import pipeline, tokenizer
 from training import checkpoint, plots, sharding, state as state_lib, step as step_lib
@@ -137,6 +136,8 @@ def load_aux_params(workdir: str, main_params, main_step: int, mesh):
     return None, None, None
   try:
     _, params, _, aux_step = warm_start.restore_params(aux_dir, mesh)
+  except checkpoint.CheckpointError:  # one that cannot be read: say so, don't skip quietly
+    raise
   except ValueError as e:  # the directory exists but holds no checkpoint yet
     logging.info('%s: no causal evaluation', e)
     return None, None, None

@@ -6,7 +6,8 @@
 Guard rails: every step's loss is checked for NaN/Inf (lazily, in batches at log and save
 points, so the host never stalls the device); the first bad step stops the run by name and
 nothing after the last good check is saved. SIGTERM checkpoints the step reached and
-returns normally (exit 0).
+returns normally (exit 0); with several processes all of them checkpoint the same step
+(`_Preemption`). A workdir whose checkpoint holds another config is refused (`_resume`).
 """
 
 from __future__ import annotations
@@ -30,13 +31,26 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _Preemption:
-  """Records SIGTERM; the loop checkpoints and returns at the next step boundary."""
+  """SIGTERM -> checkpoint at a step boundary and return.
+
+  One process: a Python SIGTERM handler sets a flag that `check(step)` reads. Several
+  processes: SIGTERM may reach only some of them, and all must save the same step (the save
+  is collective), so the decision is collective too: JAX's preemption sync manager (started
+  by jax.distributed.initialize, with its own SIGTERM handler, which ours must not replace)
+  tells every process the first step after the notice that all can reach
+  (`reached_preemption_sync_point`, called once per step). Without that manager the local
+  flags are OR-ed over the processes at every step (a small all-gather).
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._multi = jax.process_count() > 1
+    self._sync = self._multi and self._sync_manager() is not None
 
   def __enter__(self):
+    if self._sync:  # the sync manager's handler is installed; keep it
+      return self
     def handler(signum, frame):
       logging.warning('SIGTERM received: checkpointing at the next step boundary.')
       self.requested = True
@@ -50,6 +64,30 @@ class _Preemption:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
+  def check(self, step: int) -> bool:
+    """Whether to checkpoint `step` and stop; call once per step, at every step."""
+    if not self._multi:
+      return self.requested
+    from jax.experimental import multihost_utils
+    if self._sync:
+      reached = multihost_utils.reached_preemption_sync_point(step)
+      if reached:
+        logging.warning('preemption notice: all %d processes checkpoint step %d.',
+                        jax.process_count(), step)
+      return reached
+    import numpy as np
+    flags = multihost_utils.process_allgather(np.asarray(self.requested))
+    return bool(np.any(flags))
+
+  @staticmethod
+  def _sync_manager():
+    """JAX's preemption sync manager (set up by jax.distributed.initialize), or None."""
+    try:
+      from jax._src import distributed
+      return distributed.global_state.preemption_sync_manager
+    except (ImportError, AttributeError):
+      return None
+
 
 def check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
   """Fetch pending per-step metrics; raise at the first step whose loss is not finite."""
@@ -62,11 +100,30 @@ def check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
   return fetched
 
 
-def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
+def _resume(ckpt, start: int, config, layout, workdir: str, allow_config_change: bool):
+  """-> (state, data iterator state) of checkpoint `start`, after checking its config."""
+  changes = checkpoint.config_changes(ckpt.read_config(start), config)
+  if changes and not allow_config_change:
+    raise ValueError(
+        f'{workdir} holds a run of another config (checkpoint step {start}): '
+        + '; '.join(changes) + '. Use another --workdir, or pass --allow_config_change '
+        'to resume it with this config.')
+  if changes:
+    logging.warning('resuming with a changed config (--allow_config_change): %s',
+                    '; '.join(changes))
+  logging.info('resuming from %s/%d (the newest complete checkpoint)', ckpt.directory,
+               start)
+  return ckpt.restore(start, layout.abstract)
+
+
+def train(config, workdir: str, *, stop_at: int | None = None,
+          allow_config_change: bool = False) -> dict:
   """Train `config` in `workdir`, resuming from its latest checkpoint.
 
   `stop_at` ends this run early at that step (checkpointing it) without changing the
-  schedule, e.g. to test resumption. Returns the last logged scalars.
+  schedule, e.g. to test resumption. A workdir whose checkpoint was written with another
+  config (other than `checkpoint.RESUMABLE_KEYS`, e.g. the mesh) is refused unless
+  `allow_config_change`. Returns the last logged scalars.
   """
   validate(config, jax.device_count())
   mesh = sharding.make_mesh(config.mesh)
@@ -85,8 +142,11 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
 
   start = ckpt.latest_step()
   if start is not None:
-    logging.info('resuming from %s/%d', ckpt.directory, start)
-    state, data_state = ckpt.restore(start, layout.abstract)
+    try:
+      state, data_state = _resume(ckpt, start, config, layout, workdir, allow_config_change)
+    except Exception:
+      ckpt.close()
+      raise
     data_iter.set_state(data_state)
     start = int(start)
   elif stage == 'aux':
@@ -138,7 +198,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
         pending.append((step, step_metrics))
         if step == start + 1:
           rates.start(step)  # the first step's time includes dispatch warm-up
-        preempted = preempt.requested  # read once: the signal may land mid-iteration
+        preempted = preempt.check(step)  # once per step: the signal may land mid-iteration
         is_log = step % config.log_every == 0 or step == end
         is_save = step % config.checkpoint_every == 0 or step == end or preempted
         if is_log or is_save:

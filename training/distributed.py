@@ -1,0 +1,114 @@
+"""Multi-process runs: `jax.distributed.initialize`, from flags or from a detected cluster.
+
+  explicit   --coordinator_address=HOST:PORT --num_processes=N --process_id=I on every
+             process (all three or none); each process uses all of its local devices.
+  automatic  none of the three flags, inside a cluster JAX knows how to bootstrap
+             (`jax._src.clusters`: Cloud TPU pod slices on GCE or GKE, SLURM `srun` steps,
+             Open MPI `mpirun`, indexed Kubernetes Jobs) that has more than one process:
+             `jax.distributed.initialize()` with no arguments, as JAX documents.
+  neither    one process, nothing initialized (a plain machine, a one-task SLURM step,
+             a single-host TPU VM).
+
+`initialize` must run after flag parsing and before anything touches a JAX backend
+(`jax.devices()`, a computation). It also starts JAX's preemption sync manager, which the
+training loop uses to agree on the step to checkpoint at after a SIGTERM.
+"""
+
+from __future__ import annotations
+
+from absl import flags, logging
+
+FLAG_NAMES = ('coordinator_address', 'num_processes', 'process_id')
+
+
+def define_flags() -> None:
+  """--coordinator_address, --num_processes, --process_id (jax.distributed's names)."""
+  flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0, the same on '
+                      'every process (with --num_processes and --process_id). Unset: '
+                      'auto-detected on TPU pods, SLURM, Open MPI, or a single process.')
+  flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-process run.')
+  flags.DEFINE_integer('process_id', None, 'This process\'s index in [0, num_processes).')
+
+
+def check_args(coordinator_address: str | None, num_processes: int | None,
+               process_id: int | None) -> bool:
+  """-> True if the three are given (valid), False if none is; ValueError otherwise."""
+  values = dict(zip(FLAG_NAMES, (coordinator_address, num_processes, process_id)))
+  given = [k for k, v in values.items() if v is not None]
+  if not given:
+    return False
+  if len(given) < len(values):
+    missing = [f'--{k}' for k in FLAG_NAMES if k not in given]
+    raise ValueError(f'--coordinator_address, --num_processes and --process_id go together: '
+                     f'{", ".join(f"--{k}={values[k]}" for k in given)} given, '
+                     f'{" and ".join(missing)} missing')
+  host, _, port = coordinator_address.rpartition(':')
+  if not host or not port.isdigit():
+    raise ValueError(f'--coordinator_address={coordinator_address!r} must be HOST:PORT, '
+                     'e.g. 10.0.0.1:1234 (process 0\'s host)')
+  if num_processes < 1:
+    raise ValueError(f'--num_processes={num_processes} must be >= 1')
+  if not 0 <= process_id < num_processes:
+    raise ValueError(f'--process_id={process_id} must be in [0, {num_processes}) '
+                     f'(--num_processes={num_processes})')
+  return True
+
+
+def detect_cluster():
+  """-> the cluster environment `jax.distributed.initialize()` would bootstrap from, or
+  None. Uses JAX's own (private) registry; an environment whose probe fails is skipped."""
+  try:
+    from jax._src import clusters
+    candidates = list(clusters.ClusterEnv._cluster_types)  # pylint: disable=protected-access
+  except (ImportError, AttributeError):
+    return None
+  for env in candidates:
+    if getattr(env, 'opt_in_only_method', False):
+      continue
+    try:
+      if env.is_env_present():
+        return env
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('probing for a %s cluster failed (%s): ignored', env.__name__, e)
+  return None
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> str | None:
+  """Initialize jax.distributed explicitly (all three arguments) or automatically (none).
+
+  Returns how: 'flags', the detected cluster's class name, or None (one process).
+  """
+  import jax
+
+  if check_args(coordinator_address, num_processes, process_id):
+    logging.info('jax.distributed.initialize: process %d of %d, coordinator %s',
+                 process_id, num_processes, coordinator_address)
+    # 'deactivate': flags are the whole truth; no cluster may restrict the visible devices.
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id,
+                               cluster_detection_method='deactivate')
+    return 'flags'
+  env = detect_cluster()
+  if env is None:
+    return None
+  try:
+    count = env.get_process_count()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning('%s detected, but its process count is unknown (%s): running as one '
+                    'process. Pass --coordinator_address, --num_processes and --process_id '
+                    'for a multi-process run.', env.__name__, e)
+    return None
+  if count is None or int(count) <= 1:
+    logging.info('%s detected with one process: jax.distributed not initialized',
+                 env.__name__)
+    return None
+  logging.info('%s detected with %d processes: jax.distributed.initialize()', env.__name__,
+               int(count))
+  jax.distributed.initialize()
+  return env.__name__
+
+
+def initialize_from_flags() -> str | None:
+  """`initialize` with the values of the flags from `define_flags`."""
+  return initialize(*(flags.FLAGS[name].value for name in FLAG_NAMES))
