@@ -45,6 +45,7 @@ UNTIE = ('ffn', 'attn', 'norm')
 # Rows per block of the CPU grouped kernel: with M (small) groups the padding is at most
 # M * BLOCK rows, and fewer, larger blocks beat 256 at D = 128 (benchmarks/train_step.py).
 BLOCK = 512
+_EXP = {}  # TEMP experiment knobs
 NORMS = ('res_post', 'pre')
 
 
@@ -89,7 +90,14 @@ class Norm(nnx.Module):
     scale = self.scale[...].astype(jnp.float32)
     if scale.ndim == 2:  # each token's own modality's scale: [B, T, (1, ...) dim]
       extra = (1,) * (x.ndim - modality.ndim - 1)
-      scale = scale[modality].reshape(modality.shape + extra + scale.shape[-1:])
+      nm = _EXP.get('norm', 'gather')
+      if nm == 'gather':
+        scale = scale[modality]
+      elif nm == 'onehot':
+        scale = jax.nn.one_hot(modality, scale.shape[0], dtype=scale.dtype) @ scale
+      else:
+        scale = jnp.where((modality == 0)[..., None], scale[0], scale[1])
+      scale = scale.reshape(modality.shape + extra + scale.shape[-1:])
     return (y * scale).astype(x.dtype)
 
 
@@ -179,22 +187,19 @@ class MoTBlock(nnx.Module):
       def qkv_local(x, mod, wq, wk, wv, collectives):
         wq, wk, wv = (_gather_fsdp(w, 1, collectives) for w in (wq, wk, wv))
         hq, hk = wq.shape[2], wk.shape[2]
+        if _EXP.get('sepqkv'):
+          xf, g = x.reshape(-1, x.shape[-1]), row_groups(mod, groups)
+          return tuple(grouped.grouped_matmul_rows(xf, a.reshape(*a.shape[:2], -1), g, impl=impl, block=_EXP.get('block_attn', BLOCK)).reshape(*mod.shape, a.shape[2], -1) for a in (wq, wk, wv))
         w = jnp.concatenate([a.reshape(*a.shape[:2], -1) for a in (wq, wk, wv)], axis=2)
         y = grouped.grouped_matmul_rows(x.reshape(-1, x.shape[-1]), w,
-                                        row_groups(mod, groups), impl=impl, block=BLOCK)
+                                        row_groups(mod, groups), impl=_EXP.get('impl_attn', impl), block=_EXP.get('block_attn', BLOCK))
         y = y.reshape(*mod.shape, hq + 2 * hk, -1)
         return y[..., :hq, :], y[..., hq:hq + hk, :], y[..., hq + hk:, :]
       heads = ('batch', 'length', 'act_heads', None)
       kv = ('batch', 'length', 'act_kv_heads', None)
       q, k, v = _per_shard(qkv_local, (X, MOD, W_Q, W_KV, W_KV), (heads, kv, kv))(
           x, modality, wq, wk, wv)
-    if self.q_norm is not None:
-      q, k = self.q_norm(q, modality), self.k_norm(k, modality)
-    q = constrain(layers.apply_rope(q, sin_cos), ('batch', 'length', 'act_heads', None))
-    k = constrain(layers.apply_rope(k, sin_cos), ('batch', 'length', 'act_kv_heads', None))
-    v = constrain(v, ('batch', 'length', 'act_kv_heads', None))
-    o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attn_impl)
-    o = constrain(o, ('batch', 'length', 'act_heads', None))
+    o = self._global_attention(q, k, v, sin_cos, modality)
     if wo.ndim == 3:
       out = (o.reshape(B * T, -1) @ wo.reshape(-1, D)).reshape(B, T, D)
     else:
@@ -202,11 +207,21 @@ class MoTBlock(nnx.Module):
         wo = _gather_fsdp(wo, 3, collectives)
         y = grouped.grouped_matmul_rows(o.reshape(-1, o.shape[2] * o.shape[3]),
                                         wo.reshape(wo.shape[0], -1, wo.shape[3]),
-                                        row_groups(mod, groups), impl=impl, block=BLOCK)
+                                        row_groups(mod, groups), impl=_EXP.get('impl_attn', impl), block=_EXP.get('block_attn', BLOCK))
         return _psum_tensor(y.reshape(*mod.shape, -1), collectives)
       out = _per_shard(out_local, (('batch', 'length', 'act_heads', None), MOD, W_O), X)(
           o, modality, wo)
     return constrain(out, X)
+
+  def _global_attention(self, q, k, v, sin_cos, modality):
+    """(QK-norm,) RoPE and the global causal attention over the original order."""
+    if self.q_norm is not None:
+      q, k = self.q_norm(q, modality), self.k_norm(k, modality)
+    q = constrain(layers.apply_rope(q, sin_cos), ('batch', 'length', 'act_heads', None))
+    k = constrain(layers.apply_rope(k, sin_cos), ('batch', 'length', 'act_kv_heads', None))
+    v = constrain(v, ('batch', 'length', 'act_kv_heads', None))
+    o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attn_impl)
+    return constrain(o, ('batch', 'length', 'act_heads', None))
 
   def _ffn(self, x_BTD, modality, rng):
     aux = {}
@@ -224,7 +239,7 @@ class MoTBlock(nnx.Module):
         wg, wu = _gather_fsdp(wg, 1, collectives), _gather_fsdp(wu, 1, collectives)
         wd = _gather_fsdp(wd, 2, collectives)
         y = grouped.grouped_swiglu_rows(x.reshape(-1, x.shape[-1]), wg, wu, wd,
-                                        row_groups(mod, groups), impl=impl, block=BLOCK)
+                                        row_groups(mod, groups), impl=impl, block=_EXP.get('block_ffn', BLOCK))
         return _psum_tensor(y.reshape(*mod.shape, -1), collectives)
       y = _per_shard(ffn_local, (X, MOD, W_IN, W_IN, W_OUT), X)(x, modality, *w)
     if self.moe is not None:
@@ -232,8 +247,78 @@ class MoTBlock(nnx.Module):
       y = y + y_moe.astype(y.dtype)
     return constrain(y.astype(x_BTD.dtype), X), aux
 
+  def _sorted_block(self, x_BTD, sin_cos, modality):
+    """The whole block (no MoE) with the projections, norms and residual stream of each
+    shard in the modality-sorted kernel layout: one row layout per shard and call, rows
+    moved only around the global attention (x in, q/k/v out; o in, y out)."""
+    dt, pre, M = self.dtype, self.spec.norm == 'pre', self.spec.num_modalities
+    impl = self.spec.grouped_impl
+    eps_a, eps_f = self.attn_norm.eps, self.ffn_norm.eps
+    untied = lambda w, n: w if w.ndim == n + 1 else w[None]  # tied: one group
+    wq, wk, wv, wo = (untied(self._w(w), 3) for w in (self.wq, self.wk, self.wv, self.wo))
+    wg, wu, wd = (untied(self._w(w), 2) for w in (self.w_gate, self.w_up, self.w_down))
+    sa, sf = (untied(n.scale[...], 1) for n in (self.attn_norm, self.ffn_norm))
+
+    def layout_of(mod):
+      return grouped.rows_layout(mod.reshape(-1), M, impl=impl,
+                                 block=_EXP.get('block_attn', BLOCK))
+
+    def norm(x_PD, scale, eps, lay):  # Norm_m in the layout: one scale per block's group
+      y = layers.rms_normalize(x_PD, eps)
+      s = scale.astype(jnp.float32)
+      P, D = x_PD.shape
+      if s.shape[0] == 1:
+        y = y * s[0]
+      else:
+        y = (y.reshape(P // lay.block, lay.block, D) * s[lay.block_expert][:, None]).reshape(P, D)
+      return y.astype(x_PD.dtype)
+
+    def qkv_local(x, mod, sa, wq, wk, wv, collectives):
+      wq, wk, wv = (_gather_fsdp(w, 1, collectives) for w in (wq, wk, wv))
+      lay = layout_of(mod)
+      xs = grouped.to_layout(x.reshape(-1, x.shape[-1]), lay)
+      if pre:
+        xs = norm(xs, sa, eps_a, lay)
+      hq, hk = wq.shape[2], wk.shape[2]
+      w = jnp.concatenate([a.reshape(*a.shape[:2], -1) for a in (wq, wk, wv)], axis=2)
+      y = grouped.layout_matmul(xs.astype(dt), w, lay)
+      y = grouped.from_layout(y, lay).reshape(*mod.shape, hq + 2 * hk, -1)
+      return y[..., :hq, :], y[..., hq:hq + hk, :], y[..., hq + hk:, :]
+
+    heads = ('batch', 'length', 'act_heads', None)
+    kv = ('batch', 'length', 'act_kv_heads', None)
+    s_names = ('modality', 'norm')
+    q, k, v = _per_shard(qkv_local, (X, MOD, s_names, W_Q, W_KV, W_KV), (heads, kv, kv))(
+        x_BTD, modality, sa, wq, wk, wv)
+    o = self._global_attention(q, k, v, sin_cos, modality)
+
+    def out_local(o, x, mod, sa, sf, wo, wg, wu, wd, collectives):
+      wo = _gather_fsdp(wo, 3, collectives)
+      wg, wu = _gather_fsdp(wg, 1, collectives), _gather_fsdp(wu, 1, collectives)
+      wd = _gather_fsdp(wd, 2, collectives)
+      lay = layout_of(mod)
+      xs = grouped.to_layout(x.reshape(-1, x.shape[-1]), lay)
+      os_ = grouped.to_layout(o.reshape(-1, o.shape[2] * o.shape[3]), lay)
+      a = _psum_tensor(grouped.layout_matmul(os_, wo.reshape(wo.shape[0], -1, wo.shape[3]),
+                                             lay), collectives)
+      ffn = lambda h: _psum_tensor(grouped.layout_swiglu(h.astype(dt), wg, wu, wd, lay),
+                                   collectives)
+      if pre:
+        h = xs + a
+        y = h + ffn(norm(h, sf, eps_f, lay)).astype(h.dtype)
+      else:
+        h = xs + norm(a, sa, eps_a, lay)
+        y = h + norm(ffn(h).astype(h.dtype), sf, eps_f, lay)
+      return grouped.from_layout(y, lay).reshape(*mod.shape, -1)
+
+    y = _per_shard(out_local, (heads, X, MOD, s_names, s_names, W_O, W_IN, W_IN, W_OUT), X)(
+        o, x_BTD, modality, sa, sf, wo, wg, wu, wd)
+    return constrain(y, X), {}
+
   def __call__(self, x_BTD, sin_cos, rng=None, *, modality, causal=False):
     del causal  # no batch-dependent routing besides the MoE's token choice
+    if self.moe is None and not _EXP.get('old'):
+      return self._sorted_block(x_BTD, sin_cos, modality)
     if self.spec.norm == 'res_post':
       h = x_BTD + self.attn_norm(self._attention(x_BTD, sin_cos, modality), modality)
       f, aux = self._ffn(h, modality, rng)

@@ -33,6 +33,7 @@ inputs vary over (`_zeros`, `_common_type`), so they run per shard as well.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -269,17 +270,42 @@ _blocks_matmul.defvjp(_blocks_matmul_fwd, _blocks_matmul_bwd)
 # Unsorted rows with a group id each (MoT): a counting sort straight into the kernel layout.
 
 
-def _rows_layout(group_N: jax.Array, E: int, block: int):
-  """Destination of each row in the kernel layout, from its group id (E = no group):
-  rank within the group by a cumulative count (no argsort; E is small), groups padded to
-  multiples of `block` (block=1: the exact sorted layout)."""
-  N = group_N.shape[0]
+class RowsLayout(NamedTuple):
+  """Where each of N rows sits in a kernel layout of P = num_blocks * block rows (groups
+  contiguous, each padded to a multiple of `block`; block 1: the exact sorted order).
+  Built once, it serves every grouped call over the same rows (MoT: all projections of a
+  block), and values can stay in the layout between calls (`to_layout` / `from_layout`)."""
+  dest: jax.Array  # [N] row -> slot (rows in no group: distinct out-of-range slots)
+  in_group: jax.Array  # [N] bool
+  sizes: jax.Array  # [E] rows per group
+  block_expert: jax.Array  # [num_blocks] each block's group (clipped to E - 1)
+  num_used: jax.Array  # blocks holding rows: a prefix
+  num_blocks: int
+  block: int
+  impl: str  # resolved kernel: 'ragged_dot' | 'blocks' | 'batched'
+
+  def single_group(self) -> 'RowsLayout':
+    """The same slots as one group (a tied weight over every row of the layout)."""
+    return self._replace(sizes=jnp.sum(self.sizes, keepdims=True),
+                         block_expert=jnp.zeros_like(self.block_expert))
+
+
+def rows_layout(group_N: jax.Array, num_groups: int, *, impl: str = 'auto',
+                block: int | None = None) -> RowsLayout:
+  """Destination of each row in the kernel layout, from its group id (num_groups = none):
+  rank within the group by a cumulative count (no argsort; the number of groups E is
+  small), groups padded to multiples of `block`; ceil(N / block) + E - 1 blocks always
+  suffice (sum_e ceil(n_e / block) <= ceil(N / block) + E - 1)."""
+  impl = _resolve(impl)
+  group_N = group_N.astype(jnp.int32)
+  N, E = group_N.shape[0], num_groups
+  block = 1 if impl == 'ragged_dot' else max(1, min(block or BLOCK[impl], N))
   onehot = jax.nn.one_hot(group_N, E + 1, dtype=jnp.int32)
   rank = jnp.take_along_axis(jnp.cumsum(onehot, axis=0) - onehot, group_N[:, None], axis=1)[:, 0]
   sizes = jnp.sum(onehot, axis=0)[:E]
   padded = -(-sizes // block) * block
   padded_ends = jnp.cumsum(padded)
-  num_blocks = -(-N // block) + (E if block > 1 else 0)
+  num_blocks = -(-N // block) + (E - 1 if block > 1 else 0)
   in_group = group_N < E
   # Rows in no group get distinct out-of-range slots: every index is unique (faster scatter
   # and gather on CPU), and the out-of-range ones are dropped / read as 0.
@@ -287,27 +313,51 @@ def _rows_layout(group_N: jax.Array, E: int, block: int):
                    num_blocks * block + jnp.arange(N))
   block_expert = jnp.searchsorted(padded_ends, jnp.arange(num_blocks) * block, side='right')
   num_used = jnp.sum(block_expert < E)
-  return num_blocks, dest, in_group, sizes, jnp.minimum(block_expert, E - 1), num_used
+  return RowsLayout(dest, in_group, sizes, jnp.minimum(block_expert, E - 1), num_used,
+                    num_blocks, block, impl)
+
+
+def to_layout(x_NK: jax.Array, layout: RowsLayout) -> jax.Array:
+  """[N, K] rows -> [P, K] in the layout (one scatter; padding rows 0)."""
+  P = layout.num_blocks * layout.block
+  return _zeros((P,) + x_NK.shape[1:], x_NK.dtype, x_NK).at[layout.dest].set(
+      x_NK, mode='drop', unique_indices=True)
+
+
+def from_layout(y_PK: jax.Array, layout: RowsLayout) -> jax.Array:
+  """[P, K] in the layout -> [N, K] rows (one gather; 0 for rows in no group)."""
+  y = y_PK.at[layout.dest].get(mode='fill', fill_value=0, unique_indices=True)
+  return jnp.where(layout.in_group.reshape((-1,) + (1,) * (y.ndim - 1)), y, 0)
+
+
+def _layout_call(kernel, x_PK, weights, layout):
+  if weights[0].shape[0] == 1 and layout.sizes.shape[0] > 1:
+    layout = layout.single_group()
+  if layout.impl == 'ragged_dot':
+    return kernel('ragged_dot', x_PK, weights, layout.sizes)
+  nb, b = layout.num_blocks, layout.block
+  xb, *weights = _common_type(x_PK.reshape(nb, b, x_PK.shape[1]), *weights)
+  yp = kernel(layout.impl, xb, weights, (layout.block_expert, layout.num_used))
+  return yp.reshape(nb * b, -1)
+
+
+def layout_matmul(x_PK: jax.Array, w_EKN: jax.Array, layout: RowsLayout) -> jax.Array:
+  """Rows of group e in the layout times w[e] (E = 1: one weight for every group); padding
+  rows give 0."""
+  return _layout_call(_matmul_kernel, x_PK, (jnp.asarray(w_EKN),), layout)
+
+
+def layout_swiglu(x_PD: jax.Array, w_gate_EDF, w_up_EDF, w_down_EFD,
+                  layout: RowsLayout) -> jax.Array:
+  """SwiGLU of group e's weights on its rows in the layout (E = 1: one FFN for all)."""
+  weights = tuple(jnp.asarray(w) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
+  return _layout_call(_swiglu_kernel, x_PD, weights, layout)
 
 
 def _rows_call(kernel, x_NK, weights, group_N, impl, block):
   """Scatter rows into the layout, run `kernel`, gather the rows back (0 for no group)."""
-  impl = _resolve(impl)
-  N, K = x_NK.shape
-  E = weights[0].shape[0]
-  block = 1 if impl == 'ragged_dot' else max(1, min(block or BLOCK[impl], N))
-  num_blocks, dest, in_group, sizes, block_expert, num_used = _rows_layout(
-      group_N.astype(jnp.int32), E, block)
-  xp = _zeros((num_blocks * block, K), x_NK.dtype, x_NK).at[dest].set(
-      x_NK, mode='drop', unique_indices=True)
-  if impl == 'ragged_dot':
-    yp = kernel('ragged_dot', xp, weights, sizes.astype(jnp.int32))
-  else:
-    xb, *weights = _common_type(xp.reshape(num_blocks, block, K), *weights)
-    yp = kernel(impl, xb, weights, (block_expert, num_used))
-    yp = yp.reshape(num_blocks * block, -1)
-  return jnp.where(in_group[:, None],
-                   yp.at[dest].get(mode='fill', fill_value=0, unique_indices=True), 0)
+  layout = rows_layout(group_N, weights[0].shape[0], impl=impl, block=block)
+  return from_layout(_layout_call(kernel, to_layout(x_NK, layout), weights, layout), layout)
 
 
 def _matmul_kernel(kind, x, weights, extra):

@@ -298,6 +298,12 @@ def test_process_rows_make_the_one_process_global_batches(data_dir):
     for key in KEYS:
       np.testing.assert_array_equal(
           np.concatenate([parts[0][k][key], parts[1][k][key]]), batch[key])
+  # The iterator state counts global batches: a 2-process position resumes on 1 process.
+  it = pipeline.make_train_iterator(cfg, **kw, process_index=1, process_count=2)
+  take(it, 3)
+  single = pipeline.make_train_iterator(cfg, **kw)
+  single.set_state(json.loads(json.dumps(it.get_state())))
+  np.testing.assert_array_equal(next(single)['tokens'], whole[3]['tokens'])
   per_process = [rows(p[:4]) for p in parts]  # the first epoch: 4 global batches
   assert not set(per_process[0]) & set(per_process[1])
   assert per_process[0] + per_process[1] == rows(whole[:4])
