@@ -5,8 +5,8 @@ Every record becomes one early-fusion sequence (see `tokenizer`): its text
 and/or its image (`data.image_key`), in the order given by `data.order`, cut or
 padded to seq_len + 1 tokens and shifted into (tokens, targets).
 
-Train: records [process_index::process_count] -> global shuffle, reshuffled
-each epoch -> repeat forever -> encode -> batch. Everything is a function of
+Train: all records -> global shuffle, reshuffled each epoch -> repeat forever
+-> encode -> this process's rows of each global batch (`ProcessRows`) -> batch. Everything is a function of
 (seed, position in the stream), so `get_state()` is just that position and a
 restored iterator yields exactly the batches the uninterrupted one would.
 
@@ -117,7 +117,7 @@ def _builder(cfg, data_dir: str) -> tfds.core.DatasetBuilder:
                      f'(not registered, nothing under {data_dir})') from None
 
 
-def _data_source(cfg, split_key: str) -> tuple[Any, Optional[list[str]]]:
+def data_source(cfg, split_key: str) -> tuple[Any, Optional[list[str]]]:
   """Validates cfg; returns (source of cfg[split_key], label names)."""
   _check_config(cfg)
   split = cfg[split_key]
@@ -220,7 +220,7 @@ class _PaddedSlice:
     return index, (self.source[index] if index < self.stop else None)
 
 
-def _check_process(global_batch_size, process_index, process_count):
+def check_process(global_batch_size, process_index, process_count):
   if not 0 <= process_index < process_count:
     raise ValueError(f'{process_index=} not in [0, {process_count=})')
   if global_batch_size % process_count:
@@ -228,7 +228,7 @@ def _check_process(global_batch_size, process_index, process_count):
                      f'{process_count=}')
 
 
-class _ProcessRows(grain.MapDataset):
+class ProcessRows(grain.MapDataset):
   """This process's rows of the global batches: element k is row k % local of this
   process's part (rows [p * local, (p + 1) * local)) of global batch k // local. So the
   global batches, and the random coin of each element, do not depend on the number of
@@ -249,7 +249,7 @@ class _ProcessRows(grain.MapDataset):
     return self._parent[(batch * self.count + self.index) * self.local + row]
 
 
-def _finish(ds: grain.MapDataset, batch_size: int, num_workers: int):
+def finish(ds: grain.MapDataset, batch_size: int, num_workers: int):
   # Batching the MapDataset makes batch k the same whatever num_workers is:
   # worker processes (or read threads) each build whole batches, round robin.
   ds = ds.batch(batch_size, drop_remainder=True)
@@ -276,8 +276,8 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, seq_len: int,
   small JSON-serialisable dict. Batches do not depend on data.num_workers,
   but the state's format does: restore with the same num_workers.
   """
-  _check_process(global_batch_size, process_index, process_count)
-  source, label_names = _data_source(data_cfg, 'train_split')
+  check_process(global_batch_size, process_index, process_count)
+  source, label_names = data_source(data_cfg, 'train_split')
   ds = grain.MapDataset.source(source).seed(seed)
   if not len(ds):
     raise ValueError(f'split {data_cfg.train_split!r} has no records')
@@ -285,8 +285,8 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, seq_len: int,
   ds = ds.random_map(_TrainMap(_Encoder(data_cfg, seq_len, label_names)))
   batch = global_batch_size // process_count
   if process_count > 1:
-    ds = _ProcessRows(ds, batch, process_index, process_count)
-  return iter(_finish(ds, batch, data_cfg.num_workers))
+    ds = ProcessRows(ds, batch, process_index, process_count)
+  return iter(finish(ds, batch, data_cfg.num_workers))
 
 
 def make_eval_iterator(data_cfg: ml_collections.ConfigDict, *, seq_len: int,
@@ -300,8 +300,8 @@ def make_eval_iterator(data_cfg: ml_collections.ConfigDict, *, seq_len: int,
   Rows past the end are all PAD with loss_mask 0, and all processes yield the
   same number of batches.
   """
-  _check_process(batch_size, process_index, process_count)
-  source, label_names = _data_source(data_cfg, 'eval_split')
+  check_process(batch_size, process_index, process_count)
+  source, label_names = data_source(data_cfg, 'eval_split')
   n = len(source) if num_examples is None else min(num_examples, len(source))
   local_batch = batch_size // process_count
   num_batches = math.ceil(math.ceil(n / process_count) / local_batch)
@@ -309,4 +309,4 @@ def make_eval_iterator(data_cfg: ml_collections.ConfigDict, *, seq_len: int,
                         num_batches * local_batch)
   ds = grain.MapDataset.source(padded)
   ds = ds.map(_EvalMap(_Encoder(data_cfg, seq_len, label_names)))
-  return _finish(ds, local_batch, data_cfg.num_workers)
+  return finish(ds, local_batch, data_cfg.num_workers)
