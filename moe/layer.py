@@ -94,7 +94,8 @@ class MoELayer(nnx.Module):
     """`rng` (training only) drives router jitter; None = deterministic routing.
     `token_mask_BT` (bool): only these tokens are routed (MoT's one-modality MoE); the
     others get 0 from the layer. Expert-choice routers never pick a masked token while an
-    unmasked one is left; the router metrics still average over all tokens."""
+    unmasked one is left, and the router metrics and aux losses average over the unmasked
+    tokens only."""
     B, T, D = x_BTD.shape
     x = self._groups(x_BTD)
     r_in = x.astype(jnp.float32)
@@ -102,9 +103,7 @@ class MoELayer(nnx.Module):
       r_in = routing.jitter(r_in, rng, self.spec.router.jitter)
     logits = jnp.einsum('GSD,DE->GSE', r_in, self.router[...].astype(jnp.float32))
     mask = None if token_mask_BT is None else token_mask_BT.reshape(x.shape[:2])
-    if mask is not None and self.spec.router.expert_choice:
-      logits = jnp.where(mask[..., None], logits, -1e9)
-    route, metrics = routing.route(self.spec.router, logits)
+    route, metrics = routing.route(self.spec.router, logits, mask)
     if mask is not None:
       valid = route.valid & jnp.take_along_axis(mask, route.token, axis=1)
       route = route.replace(valid=valid, weight=jnp.where(valid, route.weight, 0.0))

@@ -134,14 +134,18 @@ def jitter(x: jax.Array, rng: jax.Array, eps: float) -> jax.Array:
   return (x.astype(jnp.float32) * noise).astype(x.dtype)
 
 
-def route(config: RouterConfig, logits_GSE: jax.Array) -> tuple[Routing, Metrics]:
-  """Routes with the router `config.name`; capacity from `config.capacity_factor`."""
+def route(config: RouterConfig, logits_GSE: jax.Array,
+          token_mask_GS: jax.Array | None = None) -> tuple[Routing, Metrics]:
+  """Routes with the router `config.name`; capacity from `config.capacity_factor`.
+  `token_mask_GS` (bool, optional): the tokens that take part. Expert choice never picks a
+  masked token while an unmasked one is left, and the metrics (aux losses included) average
+  over the unmasked tokens only; the caller invalidates the masked tokens' pairs."""
   _, group_size, num_experts = logits_GSE.shape
   check_router_config(config, num_experts)
   return ROUTERS[config.name](
       logits_GSE, k=config.k, capacity=config.capacity(group_size, num_experts),
       renormalize=config.renormalize, load_balance_coef=config.load_balance_coef,
-      z_loss_coef=config.z_loss_coef)
+      z_loss_coef=config.z_loss_coef, token_mask=token_mask_GS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -160,7 +164,7 @@ def _log_scores(logits_GSE: jax.Array, score: str) -> tuple[jax.Array, jax.Array
 
 def _token_choice(logits_GSE, *, score: str, batch_priority: bool, k: int,
                   capacity: int | None, renormalize: bool, load_balance_coef: float,
-                  z_loss_coef: float) -> tuple[Routing, Metrics]:
+                  z_loss_coef: float, token_mask=None) -> tuple[Routing, Metrics]:
   """Each token picks its k highest-logit experts (descending). `capacity` is unused: the
   dispatch applies it to the pairs, in the priority order set here.
 
@@ -188,12 +192,13 @@ def _token_choice(logits_GSE, *, score: str, batch_priority: bool, k: int,
                     expert=expert_GSk.reshape(G, S * k).astype(jnp.int32),
                     weight=weight_GSk.reshape(G, S * k),
                     valid=jnp.ones((G, S * k), jnp.bool_), num_experts=E, group_size=S)
-  return routing, _metrics(logits_GSE, log_p_GSE, routing, load_balance_coef, z_loss_coef)
+  return routing, _metrics(logits_GSE, log_p_GSE, routing, load_balance_coef, z_loss_coef,
+                           token_mask)
 
 
 def _expert_choice(logits_GSE, *, score: str, k: int, capacity: int | None,
                    renormalize: bool, load_balance_coef: float,
-                   z_loss_coef: float) -> tuple[Routing, Metrics]:
+                   z_loss_coef: float, token_mask=None) -> tuple[Routing, Metrics]:
   """Expert choice (Zhou et al. 2022): expert e takes the `capacity` tokens with the highest
   score in column e of its group; weight = that score (never renormalised). P = E*C pairs,
   expert-major (pair e*C + c is expert e's c-th best token). A token gets 0..E experts.
@@ -209,6 +214,8 @@ def _expert_choice(logits_GSE, *, score: str, k: int, capacity: int | None,
   # Rank softmax columns by log p (exact where small probabilities underflow) and sigmoid
   # columns by the logit itself (monotone, and exact where sigmoid saturates).
   key_GSE = log_s_GSE if score == 'softmax' else logits_GSE
+  if token_mask is not None:  # masked tokens rank below every unmasked one
+    key_GSE = jnp.where(token_mask[..., None], key_GSE, -jnp.inf)
   _, token_GEC = jax.lax.top_k(jnp.swapaxes(key_GSE, 1, 2), C)
   log_w_GEC = jnp.take_along_axis(jnp.swapaxes(log_s_GSE, 1, 2), token_GEC, axis=-1)
   expert_GEC = jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32)[None, :, None], (G, E, C))
@@ -216,18 +223,25 @@ def _expert_choice(logits_GSE, *, score: str, k: int, capacity: int | None,
                     expert=expert_GEC.reshape(G, E * C),
                     weight=jnp.exp(log_w_GEC).reshape(G, E * C),
                     valid=jnp.ones((G, E * C), jnp.bool_), num_experts=E, group_size=S)
-  return routing, _metrics(logits_GSE, log_p_GSE, routing, load_balance_coef, z_loss_coef)
+  return routing, _metrics(logits_GSE, log_p_GSE, routing, load_balance_coef, z_loss_coef,
+                           token_mask)
 
 
 def _metrics(logits_GSE, log_p_GSE, routing: Routing, load_balance_coef: float,
-             z_loss_coef: float) -> Metrics:
+             z_loss_coef: float, token_mask=None) -> Metrics:
+  """Averages over the tokens of each group (the unmasked ones where `token_mask`)."""
   G, S, E = logits_GSE.shape
+  w_GS = (jnp.ones((G, S), jnp.float32) if token_mask is None
+          else token_mask.astype(jnp.float32))
+  n_G = jnp.maximum(jnp.sum(w_GS, axis=1), 1.0)
+  mean_S = lambda a_GS: jnp.sum(a_GS * w_GS, axis=1) / n_G  # noqa: E731  [G]
   p_GSE = jnp.exp(log_p_GSE)
   top1_GSE = jax.nn.one_hot(jnp.argmax(logits_GSE, axis=-1), E, dtype=jnp.float32)
-  f_GE, P_GE = jnp.mean(top1_GSE, axis=1), jnp.mean(p_GSE, axis=1)
+  f_GE = jnp.einsum('GSE,GS->GE', top1_GSE, w_GS) / n_G[:, None]
+  P_GE = jnp.einsum('GSE,GS->GE', p_GSE, w_GS) / n_G[:, None]
   load_balance = jnp.mean(E * jnp.sum(f_GE * P_GE, axis=-1))
-  z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits_GSE, axis=-1)))
-  entropy = jnp.mean(-jnp.sum(p_GSE * log_p_GSE, axis=-1))
+  z_loss = jnp.mean(mean_S(jnp.square(jax.nn.logsumexp(logits_GSE, axis=-1))))
+  entropy = jnp.mean(mean_S(-jnp.sum(p_GSE * log_p_GSE, axis=-1)))
 
   valid_GP = routing.valid.astype(jnp.float32)
   count_GE = jax.vmap(lambda e, v: jnp.zeros(E, jnp.float32).at[e].add(v))(

@@ -278,3 +278,21 @@ def test_jitter_is_bounded_multiplicative_noise():
   np.testing.assert_array_equal(np.asarray(routing.jitter(x, jax.random.key(0), 0.1)), y)
   assert routing.jitter(x, jax.random.key(0), 0.0) is x
   assert routing.jitter(x.astype(jnp.bfloat16), jax.random.key(1), 0.1).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize('name', ['topk_softmax', 'expert_choice'])
+def test_token_mask_keeps_masked_tokens_out_of_the_metrics(name):
+  """Metrics over the unmasked tokens equal those of the unmasked tokens alone; expert
+  choice picks no masked token while unmasked ones are left."""
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(2, 8, 4)).astype(np.float32)
+  mask = np.zeros((2, 8), bool)
+  mask[:, :6] = True
+  config = RouterConfig(name, k=2, capacity_factor=1.0)
+  route, metrics = routing.route(config, jnp.asarray(logits), jnp.asarray(mask))
+  _, alone = routing.route(RouterConfig(name, k=2, capacity_factor=1.0 * 8 / 6),
+                           jnp.asarray(logits[:, :6]))
+  for key in ('z_loss', 'load_balance_loss', 'router_entropy', 'aux_loss'):
+    np.testing.assert_allclose(metrics[key], alone[key], rtol=1e-5, err_msg=key)
+  if name == 'expert_choice':
+    assert np.all(np.asarray(route.token) < 6)

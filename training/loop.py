@@ -7,7 +7,7 @@ Guard rails: every step's loss is checked for NaN/Inf (lazily, in batches at log
 points, so the host never stalls the device); the first bad step stops the run by name and
 nothing after the last good check is saved. SIGTERM checkpoints the step reached and
 returns normally (exit 0); with several processes all of them checkpoint the same step
-(`_Preemption`). A workdir whose checkpoint holds another config is refused (`_resume`).
+(`_Preemption`). A workdir whose checkpoint holds another config is refused (`resume`).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
   return fetched
 
 
-def _resume(ckpt, start: int, config, layout, workdir: str, allow_config_change: bool):
+def resume(ckpt, start: int, config, abstract, workdir: str, allow_config_change: bool):
   """-> (state, data iterator state) of checkpoint `start`, after checking its config."""
   changes = checkpoint.config_changes(ckpt.read_config(start), config)
   if changes and not allow_config_change:
@@ -113,7 +113,7 @@ def _resume(ckpt, start: int, config, layout, workdir: str, allow_config_change:
                     '; '.join(changes))
   logging.info('resuming from %s/%d (the newest complete checkpoint)', ckpt.directory,
                start)
-  return ckpt.restore(start, layout.abstract)
+  return ckpt.restore(start, abstract)
 
 
 def train(config, workdir: str, *, stop_at: int | None = None,
@@ -126,6 +126,10 @@ def train(config, workdir: str, *, stop_at: int | None = None,
   `allow_config_change`. Returns the last logged scalars.
   """
   validate(config, jax.device_count())
+  if config.model.family == 'imp':  # alternating gradient descent over tasks
+    from training import imp_loop  # pylint: disable=import-outside-toplevel
+    return imp_loop.train(config, workdir, stop_at=stop_at,
+                          allow_config_change=allow_config_change)
   mesh = sharding.make_mesh(config.mesh)
   is_chief = jax.process_index() == 0
   logging.info('mesh %s over %d devices (%d processes)', dict(mesh.shape),
@@ -143,7 +147,8 @@ def train(config, workdir: str, *, stop_at: int | None = None,
   start = ckpt.latest_step()
   if start is not None:
     try:
-      state, data_state = _resume(ckpt, start, config, layout, workdir, allow_config_change)
+      state, data_state = resume(ckpt, start, config, layout.abstract, workdir,
+                                 allow_config_change)
     except Exception:
       ckpt.close()
       raise

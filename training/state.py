@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from models import transformer
+from models import imp, transformer
 from training import sharding
 
 MODEL_FAMILIES: dict[str, Callable[..., nnx.Module]] = {
@@ -25,10 +25,15 @@ MODEL_FAMILIES: dict[str, Callable[..., nnx.Module]] = {
     'moe': transformer.Decoder,  # the same decoder with MoE FFNs (config.model.moe)
     'moma': transformer.Decoder,  # with MoMa blocks (config.model.moma)
     'mot': transformer.Decoder,  # with Mixture-of-Transformers blocks (config.model.mot)
+    'imp': imp.IMPModel,  # shared encoder + embedders + task heads (training/imp_loop.py)
 }
 
 
-def model_spec(config) -> transformer.DecoderSpec:
+def model_spec(config):
+  """The model's spec: a DecoderSpec, or an IMPSpec for family 'imp'."""
+  if config.model.family == 'imp':
+    return imp.spec_from_config(config.model, param_dtype=config.param_dtype,
+                                compute_dtype=config.compute_dtype)
   return transformer.spec_from_config(config.model, param_dtype=config.param_dtype,
                                       compute_dtype=config.compute_dtype,
                                       stage=config.get('stage', 'main'))

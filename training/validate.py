@@ -18,7 +18,7 @@ POSITIVE_INTS = ('total_steps', 'batch_size', 'seq_len', 'log_every', 'checkpoin
                  'model.num_kv_heads', 'model.head_dim', 'model.mlp_dim', 'model.vocab_size',
                  'eval.batch_size')
 DTYPES = ('float32', 'bfloat16', 'float16')
-FAMILIES = ('dense', 'moe', 'moma', 'mot')
+FAMILIES = ('dense', 'moe', 'moma', 'mot', 'imp')
 STAGES = ('main', 'aux')
 
 
@@ -32,6 +32,8 @@ def _get(config, dotted: str):
 def validate(config, num_devices: int) -> tuple[int, ...]:
   """Raise ValueError on the first problem; return the resolved mesh shape."""
   for key in POSITIVE_INTS:
+    if key == 'seq_len' and config.model.family == 'imp':
+      continue  # each IMP task has its own shapes
     value = _get(config, key)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
       raise ValueError(f'config.{key} must be a positive integer, got {value!r}')
@@ -90,7 +92,37 @@ def validate(config, num_devices: int) -> tuple[int, ...]:
     _validate_moma(config, sizes)
   if m.family == 'mot':
     _validate_mot(config, sizes)
+  if m.family == 'imp':
+    _validate_imp(config, sizes)
   return shape
+
+
+def _validate_imp(config, sizes) -> None:
+  from data import imp_tasks  # local: keep `validate` importable without flax
+  from models import imp
+  from training import agd, imp_loop
+  if config.agd.mode not in imp_loop.MODES:
+    raise ValueError(f'config.agd.mode={config.agd.mode!r} is not one of {imp_loop.MODES}')
+  if not config.tasks:
+    raise ValueError('config.tasks is empty: IMP needs at least one task')
+  shards = sizes['data'] * sizes['fsdp'] * sizes['expert']
+  spec = imp.spec_from_config(config.model, param_dtype=config.param_dtype,
+                              compute_dtype=config.compute_dtype)
+  imp.check_spec(spec)
+  for name, task in config.tasks.items():
+    imp_tasks.check_task(name, task)
+    if task.batch_size % shards:
+      raise ValueError(f'config.tasks.{name}.batch_size={task.batch_size} is not divisible '
+                       f'by the {shards} batch shards')
+    if task.image_size % spec.patch_size:
+      raise ValueError(f'config.tasks.{name}.image_size={task.image_size} is not a multiple '
+                       f'of model.imp.patch_size={spec.patch_size}')
+    if task.kind != 'classify' and task.text_len > spec.max_text_len:
+      raise ValueError(f'config.tasks.{name}.text_len={task.text_len} exceeds '
+                       f'model.imp.max_text_len={spec.max_text_len}')
+  agd.make_schedule(config.agd.schedule, [
+      agd.Task(n, weight=float(t.weight), interval=t.interval)
+      for n, t in config.tasks.items()], seed=config.seed)
 
 
 def _validate_moe(config, sizes) -> None:

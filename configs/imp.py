@@ -1,0 +1,69 @@
+"""IMP: one shared encoder trained on several tasks by alternating gradient descent (AGD):
+every optimizer step takes one batch of one task and updates on that task's loss alone
+(SPEC.md §4; data/imp_tasks.py, training/agd.py).
+
+Args: a size from configs/common.py SIZES, then variants:
+  schedule=sample   sample: a task per step with the tasks' weights (the paper);
+                    cycle: the tasks in order, task i every `interval`-th pass (released code)
+  mode=agd          agd: one task per step; summed: every task's batch in every step, the
+                    losses weighted and summed (the baseline AGD is compared with)
+  moe=0             MoE FFNs (expert choice, capacity 1.0) in the last `moe` encoder layers
+  mask=1            1: a step on task A changes only the parameters A's loss reaches (no
+                    momentum or weight-decay drift elsewhere); 0: plain updates of everything
+e.g. `configs/imp.py:tiny,schedule=cycle`, `configs/imp.py:tiny,moe=1,mode=summed`.
+
+Tasks on the embedded mm_shapes data (`config.tasks.<name>`; a task may read another TFDS
+dataset by name with `dataset=`): shape classification at 32x32 and at 16x16 (the same
+images, a second input signature), image-text contrastive (InfoNCE with a learned
+temperature) and caption language modelling.
+"""
+
+import ml_collections
+
+from configs import common
+
+VARIANTS = {'schedule': 'sample', 'mode': 'agd', 'moe': '0', 'mask': '1'}
+
+
+def _task(kind, image_size, batch_size, weight, interval, text_len=0):
+  return ml_collections.ConfigDict(dict(
+      kind=kind,  # data/imp_tasks.py KINDS: classify | contrastive | caption
+      dataset='',  # '' = config.data.tfds_name
+      image_size=image_size,  # R: images are resized to R x R (any multiple of patch_size)
+      text_len=text_len,  # L: [BOS] caption [EOS], PAD-padded or cut
+      batch_size=batch_size,  # global, per step of this task
+      weight=weight,  # schedule=sample: relative frequency; mode=summed: loss weight
+      interval=interval,  # schedule=cycle: one step every `interval` passes
+  ))
+
+
+def get_config(arg: str = 'tiny'):
+  size, v = common.parse_arg(arg, allowed=VARIANTS)
+  c = common.base_config(size)
+  c.model.family = 'imp'
+  c.model.imp = ml_collections.ConfigDict(dict(
+      patch_size=4,
+      max_text_len=64,
+      num_classes=6,  # mm_shapes' shape kinds
+      proj_dim=64,  # contrastive embedding width
+      qk_norm=True,
+      moe_last=int(v['moe']),  # MoE FFN in the last N encoder layers (0: dense)
+      moe=ml_collections.ConfigDict(dict(
+          num_experts=4, router='expert_choice', capacity_factor=1.0,
+          mlp_dim=c.model.mlp_dim, group_size=0, load_balance_coef=0.0,
+          z_loss_coef=1e-3, jitter=0.0)),
+  ))
+  c.agd = ml_collections.ConfigDict(dict(
+      schedule=v['schedule'],  # sample | cycle (training/agd.py)
+      mode=v['mode'],  # agd | summed
+      mask_updates=v['mask'] not in ('0', 'false', 'False'),
+  ))
+  scale = 1 if size == 'tiny' else 4
+  c.tasks = ml_collections.ConfigDict(dict(
+      classify32=_task('classify', 32, 32 * scale, weight=1.0, interval=1),
+      classify16=_task('classify', 16, 32 * scale, weight=0.5, interval=2),
+      contrastive=_task('contrastive', 32, 32 * scale, weight=1.0, interval=1, text_len=64),
+      caption=_task('caption', 32, 32 * scale, weight=1.0, interval=1, text_len=64),
+  ))
+  c.seq_len = 0  # unused: each task has its own shapes
+  return c
