@@ -42,10 +42,10 @@ from training import sharding
 from training.sharding import constrain
 
 UNTIE = ('ffn', 'attn', 'norm')
-# Rows per block of the CPU grouped kernel: with M (small) groups the padding is at most
-# M * BLOCK rows, and fewer, larger blocks beat 256 at D = 128 (benchmarks/train_step.py).
-BLOCK = 512
-_EXP = {}  # TEMP experiment knobs
+# Rows per block of the CPU grouped kernel: with M (small) groups the padding is under
+# M * BLOCK rows per shard. With the block's rows kept in the layout (_sorted_block),
+# 256 beat 512 and 1024 at tiny's D = 128 (benchmarks/train_step.py, docs/mot.md).
+BLOCK = 256
 NORMS = ('res_post', 'pre')
 
 
@@ -90,14 +90,7 @@ class Norm(nnx.Module):
     scale = self.scale[...].astype(jnp.float32)
     if scale.ndim == 2:  # each token's own modality's scale: [B, T, (1, ...) dim]
       extra = (1,) * (x.ndim - modality.ndim - 1)
-      nm = _EXP.get('norm', 'gather')
-      if nm == 'gather':
-        scale = scale[modality]
-      elif nm == 'onehot':
-        scale = jax.nn.one_hot(modality, scale.shape[0], dtype=scale.dtype) @ scale
-      else:
-        scale = jnp.where((modality == 0)[..., None], scale[0], scale[1])
-      scale = scale.reshape(modality.shape + extra + scale.shape[-1:])
+      scale = scale[modality].reshape(modality.shape + extra + scale.shape[-1:])
     return (y * scale).astype(x.dtype)
 
 
@@ -187,12 +180,9 @@ class MoTBlock(nnx.Module):
       def qkv_local(x, mod, wq, wk, wv, collectives):
         wq, wk, wv = (_gather_fsdp(w, 1, collectives) for w in (wq, wk, wv))
         hq, hk = wq.shape[2], wk.shape[2]
-        if _EXP.get('sepqkv'):
-          xf, g = x.reshape(-1, x.shape[-1]), row_groups(mod, groups)
-          return tuple(grouped.grouped_matmul_rows(xf, a.reshape(*a.shape[:2], -1), g, impl=impl, block=_EXP.get('block_attn', BLOCK)).reshape(*mod.shape, a.shape[2], -1) for a in (wq, wk, wv))
         w = jnp.concatenate([a.reshape(*a.shape[:2], -1) for a in (wq, wk, wv)], axis=2)
         y = grouped.grouped_matmul_rows(x.reshape(-1, x.shape[-1]), w,
-                                        row_groups(mod, groups), impl=_EXP.get('impl_attn', impl), block=_EXP.get('block_attn', BLOCK))
+                                        row_groups(mod, groups), impl=impl, block=BLOCK)
         y = y.reshape(*mod.shape, hq + 2 * hk, -1)
         return y[..., :hq, :], y[..., hq:hq + hk, :], y[..., hq + hk:, :]
       heads = ('batch', 'length', 'act_heads', None)
@@ -207,7 +197,7 @@ class MoTBlock(nnx.Module):
         wo = _gather_fsdp(wo, 3, collectives)
         y = grouped.grouped_matmul_rows(o.reshape(-1, o.shape[2] * o.shape[3]),
                                         wo.reshape(wo.shape[0], -1, wo.shape[3]),
-                                        row_groups(mod, groups), impl=_EXP.get('impl_attn', impl), block=_EXP.get('block_attn', BLOCK))
+                                        row_groups(mod, groups), impl=impl, block=BLOCK)
         return _psum_tensor(y.reshape(*mod.shape, -1), collectives)
       out = _per_shard(out_local, (('batch', 'length', 'act_heads', None), MOD, W_O), X)(
           o, modality, wo)
@@ -239,7 +229,7 @@ class MoTBlock(nnx.Module):
         wg, wu = _gather_fsdp(wg, 1, collectives), _gather_fsdp(wu, 1, collectives)
         wd = _gather_fsdp(wd, 2, collectives)
         y = grouped.grouped_swiglu_rows(x.reshape(-1, x.shape[-1]), wg, wu, wd,
-                                        row_groups(mod, groups), impl=impl, block=_EXP.get('block_ffn', BLOCK))
+                                        row_groups(mod, groups), impl=impl, block=BLOCK)
         return _psum_tensor(y.reshape(*mod.shape, -1), collectives)
       y = _per_shard(ffn_local, (X, MOD, W_IN, W_IN, W_OUT), X)(x, modality, *w)
     if self.moe is not None:
@@ -260,8 +250,7 @@ class MoTBlock(nnx.Module):
     sa, sf = (untied(n.scale[...], 1) for n in (self.attn_norm, self.ffn_norm))
 
     def layout_of(mod):
-      return grouped.rows_layout(mod.reshape(-1), M, impl=impl,
-                                 block=_EXP.get('block_attn', BLOCK))
+      return grouped.rows_layout(mod.reshape(-1), M, impl=impl, block=BLOCK)
 
     def norm(x_PD, scale, eps, lay):  # Norm_m in the layout: one scale per block's group
       y = layers.rms_normalize(x_PD, eps)
@@ -317,7 +306,7 @@ class MoTBlock(nnx.Module):
 
   def __call__(self, x_BTD, sin_cos, rng=None, *, modality, causal=False):
     del causal  # no batch-dependent routing besides the MoE's token choice
-    if self.moe is None and not _EXP.get('old'):
+    if self.moe is None:
       return self._sorted_block(x_BTD, sin_cos, modality)
     if self.spec.norm == 'res_post':
       h = x_BTD + self.attn_norm(self._attention(x_BTD, sin_cos, modality), modality)

@@ -325,9 +325,9 @@ def to_layout(x_NK: jax.Array, layout: RowsLayout) -> jax.Array:
 
 
 def from_layout(y_PK: jax.Array, layout: RowsLayout) -> jax.Array:
-  """[P, K] in the layout -> [N, K] rows (one gather; 0 for rows in no group)."""
-  y = y_PK.at[layout.dest].get(mode='fill', fill_value=0, unique_indices=True)
-  return jnp.where(layout.in_group.reshape((-1,) + (1,) * (y.ndim - 1)), y, 0)
+  """[P, K] in the layout -> [N, K] rows (one gather; rows in no group have out-of-range
+  slots, so the fill gives them 0)."""
+  return y_PK.at[layout.dest].get(mode='fill', fill_value=0, unique_indices=True)
 
 
 def _layout_call(kernel, x_PK, weights, layout):
