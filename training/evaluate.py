@@ -173,6 +173,9 @@ class _Totals:
 
 def evaluate(config, workdir: str) -> dict:
   validate(config, jax.device_count())
+  if config.model.family == 'imp':
+    raise ValueError('eval.py does not evaluate IMP runs yet (per-task metrics are in '
+                     f'{workdir}/metrics.jsonl; the tasks section of eval.json is issue 7)')
   mesh = sharding.make_mesh(config.mesh)
   layout = state_lib.state_layout(config, mesh)
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.max_checkpoints)
