@@ -1,6 +1,8 @@
 """IMP alternating gradient descent (training/imp_loop.py): compilations per signature,
 masked updates, exact resume, summed baseline, bad configs."""
 
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -33,15 +35,18 @@ def small(data_dir, arg='tiny', **overrides):
 
 def test_one_compilation_per_signature_and_exact_resume(data_dir, tmp_path):
   """4 tasks, 2 of them classification at two resolutions: 4 signatures, 4 compilations
-  however many steps; stopped at 7 and resumed, steps 8-10 equal the straight run's."""
-  config = small(data_dir, 'tiny,schedule=cycle')
-  loop.train(config, str(tmp_path / 'straight'), stop_at=10)
-  rows = metrics.read_metrics(str(tmp_path / 'straight'))
+  however many steps; resumed from the checkpoint at step 7, steps 8-10 (schedule position
+  and every task's data position restored) equal the straight run's."""
+  config = small(data_dir, 'tiny,schedule=cycle', checkpoint_every=7)
+  straight, resumed_dir = tmp_path / 'straight', tmp_path / 'resumed'
+  loop.train(config, str(straight), stop_at=10)
+  rows = metrics.read_metrics(str(straight))
   assert [r['train/compilations'] for r in rows][-1] == 4
-  assert max(r['train/compilations'] for r in rows[:4]) <= 4
-  loop.train(config, str(tmp_path / 'resumed'), stop_at=7)
-  loop.train(config, str(tmp_path / 'resumed'), stop_at=10)
-  resumed = {r['step']: r for r in metrics.read_metrics(str(tmp_path / 'resumed'))}
+  assert [r['train/compilations'] for r in rows[:4]] == [1, 2, 3, 4]  # cycle: a, b, c, d
+  shutil.copytree(straight / 'checkpoints' / '7', resumed_dir / 'checkpoints' / '7')
+  loop.train(config, str(resumed_dir), stop_at=10)
+  resumed = {r['step']: r for r in metrics.read_metrics(str(resumed_dir))}
+  assert sorted(resumed) == [8, 9, 10]
   for r in rows[7:]:
     for key, value in r.items():
       if key.endswith('/loss') or key == 'train/loss':
