@@ -160,8 +160,9 @@ def train(config, workdir: str, *, stop_at: int | None = None,
           last = _summarise(interval)
           last['train/compilations'] = len(counter)
           writer.write(step, last)
-          metrics.log_console(f'step {step}/{config.total_steps} ' + ' '.join(
-              f'{k[6:]}={v:.4g}' for k, v in sorted(last.items()) if k.endswith('/loss')))
+          if jax.process_index() == 0:
+            metrics.log_console(f'step {step}/{config.total_steps} ' + ' '.join(
+                f'{k[6:]}={v:.4g}' for k, v in sorted(last.items()) if k.endswith('/loss')))
           interval = []
         if is_save:
           save(step)
