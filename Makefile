@@ -30,7 +30,7 @@ eval: venv
 
 # pytest on 8 fake CPU devices (tests/conftest.py sets them up).
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: venv
 	$(PY) benchmarks/train_step.py

@@ -21,14 +21,16 @@ temperature) and caption language modelling.
 import ml_collections
 
 from configs import common
+from data import shapes
 
 VARIANTS = {'schedule': 'sample', 'mode': 'agd', 'moe': '0', 'mask': '1'}
 
 
-def _task(kind, image_size, batch_size, weight, interval, text_len=0):
+def _task(kind, image_size, batch_size, weight, interval, text_len=0, head=''):
   return ml_collections.ConfigDict(dict(
       kind=kind,  # data/imp_tasks.py KINDS: classify | contrastive | caption
       dataset='',  # '' = config.data.tfds_name
+      head=head,  # classify: its head in model.imp.classifiers ('' = the only one)
       image_size=image_size,  # R: images are resized to R x R (any multiple of patch_size)
       text_len=text_len,  # L: [BOS] caption [EOS], PAD-padded or cut
       batch_size=batch_size,  # global, per step of this task
@@ -41,10 +43,13 @@ def get_config(arg: str = 'tiny'):
   size, v = common.parse_arg(arg, allowed=VARIANTS)
   c = common.base_config(size)
   c.model.family = 'imp'
+  if size == 'tiny':
+    c.learning_rate = 1e-3  # 3e-3 (the size table's) stalls the shape classifier
   c.model.imp = ml_collections.ConfigDict(dict(
       patch_size=4,
       max_text_len=64,
-      num_classes=6,  # mm_shapes' shape kinds
+      # classifier heads (IMP: one per dataset): name -> number of classes
+      classifiers=ml_collections.ConfigDict({'shapes': 6}),  # mm_shapes' shape kinds
       proj_dim=64,  # contrastive embedding width
       qk_norm=True,
       moe_last=int(v['moe']),  # MoE FFN in the last N encoder layers (0: dense)
@@ -60,10 +65,15 @@ def get_config(arg: str = 'tiny'):
   ))
   scale = 1 if size == 'tiny' else 4
   c.tasks = ml_collections.ConfigDict(dict(
-      classify32=_task('classify', 32, 32 * scale, weight=1.0, interval=1),
-      classify16=_task('classify', 16, 32 * scale, weight=0.5, interval=2),
+      classify32=_task('classify', 32, 32 * scale, weight=1.0, interval=1, head='shapes'),
+      classify16=_task('classify', 16, 32 * scale, weight=0.5, interval=2, head='shapes'),
       contrastive=_task('contrastive', 32, 32 * scale, weight=1.0, interval=1, text_len=64),
       caption=_task('caption', 32, 32 * scale, weight=1.0, interval=1, text_len=64),
   ))
   c.seq_len = 0  # unused: each task has its own shapes
+  # Zero-shot classification (eval.py): each class is the mean embedding of these prompts
+  # filled with its label name (CLIP's prompt ensembling). For mm_shapes: the caption
+  # templates with every size, colour and position ('a small red {} at the top left', ...;
+  # 576 prompts). For another dataset set your own, e.g. ('a photo of a {}.',).
+  c.eval.zeroshot_prompts = shapes.kind_prompts()
   return c

@@ -70,35 +70,48 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
 class _Encode(grain.transforms.Map):
   """A record -> the task's example (no randomness: the shuffle is the only one)."""
 
-  def __init__(self, data_cfg, task):
-    self.kind, self.size = task.kind, task.image_size
+  def __init__(self, data_cfg, task, labels: bool):
+    self.kind, self.size, self.labels = task.kind, task.image_size, labels
     self.text_len = task.get('text_len', 0)
     self.image_key, self.text_key = data_cfg.image_key, data_cfg.text_key
     self.label_key = data_cfg.label_key
 
   def map(self, record):
     out = {'image': resize(record[self.image_key], self.size)}
-    if self.kind == 'classify':
+    if self.kind == 'classify' or self.labels:
       out['label'] = np.int32(record[self.label_key])
-    else:
+    if self.kind != 'classify':
       out['text'], out['text_mask'] = encode_caption(record[self.text_key], self.text_len)
     return out
+
+
+def task_data_config(data_cfg, task) -> ml_collections.ConfigDict:
+  """data_cfg with the task's `dataset` (if set) as tfds_name."""
+  data_cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+  if task.get('dataset'):
+    data_cfg.tfds_name = task.dataset
+  return data_cfg
+
+
+def class_names(data_cfg, task) -> Optional[list[str]]:
+  """The label names of the task's dataset (data_cfg.label_key), None if it has none."""
+  return pipeline.class_names(task_data_config(data_cfg, task))
 
 
 def make_task_iterator(name: str, task: ml_collections.ConfigDict,
                        data_cfg: ml_collections.ConfigDict, *, seed: int,
                        split_key: str = 'train_split', process_index: int = 0,
                        process_count: int = 1, repeat: bool = True,
-                       num_examples: Optional[int] = None):
+                       num_examples: Optional[int] = None, labels: bool = False):
   """Resumable iterator of this process's batches of task `name` (module docstring).
 
   The task's `dataset` (if set) replaces data_cfg.tfds_name. The eval split is read in
   order (no shuffle, no repeat) with `repeat=False`; its last partial batch is dropped.
+  `labels=True` adds 'label' (data_cfg.label_key) to every kind's batches (eval's
+  zero-shot classification).
   """
   check_task(name, task)
-  data_cfg = ml_collections.ConfigDict(data_cfg.to_dict())
-  if task.get('dataset'):
-    data_cfg.tfds_name = task.dataset
+  data_cfg = task_data_config(data_cfg, task)
   pipeline.check_process(task.batch_size, process_index, process_count)
   source, _ = pipeline.data_source(data_cfg, split_key)
   ds = grain.MapDataset.source(source)
@@ -108,7 +121,7 @@ def make_task_iterator(name: str, task: ml_collections.ConfigDict,
     raise ValueError(f'task {name!r}: split {data_cfg[split_key]!r} has no records')
   if repeat:
     ds = ds.seed(seed).shuffle().repeat(None)
-  ds = ds.map(_Encode(data_cfg, task))
+  ds = ds.map(_Encode(data_cfg, task, labels))
   local = task.batch_size // process_count
   if process_count > 1:
     ds = pipeline.ProcessRows(ds, local, process_index, process_count)

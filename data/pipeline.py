@@ -117,6 +117,14 @@ def _builder(cfg, data_dir: str) -> tfds.core.DatasetBuilder:
                      f'(not registered, nothing under {data_dir})') from None
 
 
+def class_names(cfg) -> Optional[list[str]]:
+  """The names of cfg.label_key's classes (a tfds ClassLabel), or None without one."""
+  _check_config(cfg)
+  features = _builder(cfg, resolve_data_dir(cfg.data_dir)).info.features
+  label = features[cfg.label_key] if cfg.label_key and cfg.label_key in features else None
+  return list(label.names) if isinstance(label, tfds.features.ClassLabel) else None
+
+
 def data_source(cfg, split_key: str) -> tuple[Any, Optional[list[str]]]:
   """Validates cfg; returns (source of cfg[split_key], label names)."""
   _check_config(cfg)

@@ -176,6 +176,15 @@ class MmShapes(tfds.core.GeneratorBasedBuilder):
       yield i, example
 
 
+def kind_prompts() -> tuple[str, ...]:
+  """Every caption template with each size, colour and position filled in and '{}' left
+  for the kind: zero-shot prompts for the `label` classes (configs/imp.py). Averaging a
+  class's embedding over them marginalises the attributes a class name leaves open, as
+  CLIP's prompt ensembling does."""
+  return tuple(t.format(kind='{}', color=c, size=s, pos=p)
+               for t in TEMPLATES for s in SIZES for c in COLORS for p in POSITIONS)
+
+
 def prepare(data_dir: str) -> MmShapes:
   """Prepares mm_shapes under data_dir if needed; returns the builder.
 

@@ -62,7 +62,7 @@ class IMPSpec:
   num_heads: int  # H
   head_dim: int  # K
   mlp_dim: int  # F of the dense SwiGLU FFNs
-  num_classes: int  # classifier outputs
+  classifiers: tuple[tuple[str, int], ...]  # (head name, classes) per classifier head
   patch_size: int = 4  # image patches are patch_size x patch_size pixels
   num_channels: int = 3  # C of the images
   vocab_size: int = tokenizer.VOCAB_SIZE  # V (text embedding and caption logits)
@@ -80,16 +80,25 @@ class IMPSpec:
 
 def check_spec(spec: IMPSpec) -> None:
   """Raises a ValueError naming the first problem of `spec` (before any compilation)."""
-  for name in ('embed_dim', 'num_layers', 'num_heads', 'head_dim', 'mlp_dim', 'num_classes',
-               'patch_size', 'num_channels', 'vocab_size', 'max_text_len', 'proj_dim'):
+  for name in ('embed_dim', 'num_layers', 'num_heads', 'head_dim', 'mlp_dim', 'patch_size',
+                'num_channels', 'vocab_size', 'max_text_len', 'proj_dim'):
     v = getattr(spec, name)
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
       raise ValueError(f'IMPSpec.{name} must be an int >= 1, got {v!r}')
   if spec.embed_dim % 4 or spec.embed_dim < 8:
     raise ValueError(f'IMPSpec.embed_dim={spec.embed_dim} must be a multiple of 4 and >= 8 '
                      '(the 2-D sin-cos position table has 4 blocks of >= 2 frequencies)')
-  if spec.num_classes < 2:
-    raise ValueError(f'IMPSpec.num_classes={spec.num_classes} must be >= 2')
+  heads = spec.classifiers
+  ok = (isinstance(heads, tuple) and heads
+        and all(isinstance(h, tuple) and len(h) == 2 for h in heads))
+  if ok:
+    names = [n for n, _ in heads]
+    ok = len(set(names)) == len(names) and all(
+        isinstance(n, str) and n.isidentifier() and isinstance(k, int)
+        and not isinstance(k, bool) and k >= 2 for n, k in heads)
+  if not ok:
+    raise ValueError(f'IMPSpec.classifiers={spec.classifiers!r} must be a non-empty tuple of '
+                     '(head name: a unique identifier, number of classes >= 2)')
   if spec.posemb_grid < 0:
     raise ValueError(f'IMPSpec.posemb_grid={spec.posemb_grid} must be >= 0 (0 = patch '
                      'indices)')
@@ -123,7 +132,8 @@ def spec_from_config(model_cfg, *, param_dtype: str, compute_dtype: str) -> IMPS
   return IMPSpec(
       embed_dim=model_cfg.embed_dim, num_layers=model_cfg.num_layers,
       num_heads=model_cfg.num_heads, head_dim=model_cfg.head_dim, mlp_dim=model_cfg.mlp_dim,
-      num_classes=m.num_classes, patch_size=m.patch_size, vocab_size=model_cfg.vocab_size,
+      classifiers=tuple((str(k), v) for k, v in m.classifiers.items()),
+      patch_size=m.patch_size, vocab_size=model_cfg.vocab_size,
       max_text_len=m.max_text_len, proj_dim=m.proj_dim, moe=moe, moe_last=m.moe_last,
       qk_norm=m.qk_norm, posemb_grid=m.get('posemb_grid', 0),
       attention_impl=model_cfg.attention_impl or None, remat=model_cfg.remat,
@@ -347,12 +357,11 @@ class Encoder(nnx.Module):
 class ClassifierHead(nnx.Module):
   """Mean-pool over the valid tokens -> linear: float32 logits [B, num_classes]."""
 
-  def __init__(self, spec: IMPSpec, *, rngs: nnx.Rngs):
+  def __init__(self, spec: IMPSpec, num_classes: int, *, rngs: nnx.Rngs):
     pdtype = dtype_of(spec.param_dtype)
     self.kernel = layers.param(rngs, layers.fan_in_init(spec.embed_dim),
-                               (spec.embed_dim, spec.num_classes), ('embed', None), pdtype)
-    self.bias = layers.param(rngs, nnx.initializers.zeros, (spec.num_classes,), (None,),
-                             pdtype)
+                               (spec.embed_dim, num_classes), ('embed', None), pdtype)
+    self.bias = layers.param(rngs, nnx.initializers.zeros, (num_classes,), (None,), pdtype)
 
   def __call__(self, x_BTD: jax.Array, valid_BT: jax.Array | None = None) -> jax.Array:
     pooled = masked_mean(x_BTD, valid_BT)
@@ -405,7 +414,9 @@ class IMPModel(nnx.Module):
     self.image_embed = ImageEmbed(spec, rngs=rngs)
     self.text_embed = TextEmbed(spec, rngs=rngs)
     self.encoder = Encoder(spec, rngs=rngs)
-    self.classifier = ClassifierHead(spec, rngs=rngs)
+    # one classifier per head name (IMP: per dataset); classification tasks name theirs
+    self.classifiers = nnx.Dict({name: ClassifierHead(spec, n, rngs=rngs)
+                                 for name, n in spec.classifiers})
     self.image_proj = ContrastiveHead(spec, rngs=rngs)
     self.text_proj = ContrastiveHead(spec, rngs=rngs)
     # log of the contrastive logit scale (1 / temperature), float32 whatever param_dtype
@@ -423,10 +434,20 @@ class IMPModel(nnx.Module):
     """-> (tokens [B, T, D], aux): bidirectional over the valid tokens."""
     return self.encoder(self.text_embed(tokens_BT), padding_mask(mask_BT), rng)
 
-  def classify(self, images_BHWC, rng=None):
-    """-> (logits [B, num_classes] float32, aux)."""
+  def classify(self, images_BHWC, rng=None, head: str | None = None):
+    """-> (logits [B, classes of `head`] float32, aux). `head` may be left out when the
+    model has one classifier."""
+    if head is None:
+      if len(self.spec.classifiers) != 1:
+        raise ValueError(f'classify: name the head, one of {self.head_names()}')
+      head = self.spec.classifiers[0][0]
+    if head not in self.head_names():
+      raise ValueError(f'classify: no classifier head {head!r}; heads: {self.head_names()}')
     x, aux = self.encode_image(images_BHWC, rng)
-    return self.classifier(x), aux
+    return self.classifiers[head](x), aux
+
+  def head_names(self) -> list[str]:
+    return [name for name, _ in self.spec.classifiers]
 
   def embed_image(self, images_BHWC, rng=None):
     """-> (L2-normalised [B, proj_dim] float32, aux)."""
@@ -473,14 +494,14 @@ def classification_loss(logits_BK, labels_B):
 def contrastive_loss(img_BP, txt_BP, log_temp):
   """Symmetric InfoNCE (CLIP): logits = exp(min(log_temp, log 100)) * img @ txt^T, pairs on
   the diagonal; loss = (CE over texts + CE over images) / 2.
-  -> (loss, {'loss', 'i2t_recall@1', 't2i_recall@1', 'logit_scale'})."""
+  -> (loss, {'loss', 'i2t_recall_at_1', 't2i_recall_at_1', 'logit_scale'})."""
   scale = jnp.exp(jnp.minimum(jnp.asarray(log_temp, jnp.float32), LOG_TEMP_MAX))
   logits = scale * (img_BP.astype(jnp.float32) @ txt_BP.astype(jnp.float32).T)
   labels = jnp.arange(logits.shape[0])
   loss = 0.5 * (_xent(logits, labels).mean() + _xent(logits.T, labels).mean())
   recall = lambda l: (jnp.argmax(l, axis=-1) == labels).astype(jnp.float32).mean()
-  return loss, {'loss': loss, 'i2t_recall@1': recall(logits),
-                't2i_recall@1': recall(logits.T), 'logit_scale': scale}
+  return loss, {'loss': loss, 'i2t_recall_at_1': recall(logits),
+                't2i_recall_at_1': recall(logits.T), 'logit_scale': scale}
 
 
 def caption_loss(logits_BTV, targets_BT, mask_BT):
@@ -504,12 +525,12 @@ def caption_inputs(tokens_BT, pad: int = tokenizer.PAD) -> dict[str, jax.Array]:
 # Tasks.
 
 
-def _classify(model: IMPModel, batch, rng):
-  logits, aux = model.classify(batch['image'], rng)
+def _classify(model: IMPModel, batch, rng, head=None):
+  logits, aux = model.classify(batch['image'], rng, head)
   return classification_loss(logits, batch['label']) + (aux,)
 
 
-def _contrastive(model: IMPModel, batch, rng):
+def _contrastive(model: IMPModel, batch, rng, head=None):  # pylint: disable=unused-argument
   r_img, r_txt = (None, None) if rng is None else jax.random.split(rng)
   img, aux_i = model.embed_image(batch['image'], r_img)
   txt, aux_t = model.embed_text(batch['text'], batch['text_mask'], r_txt)
@@ -518,7 +539,7 @@ def _contrastive(model: IMPModel, batch, rng):
   return contrastive_loss(img, txt, model.log_temp[...]) + (aux,)
 
 
-def _caption(model: IMPModel, batch, rng):
+def _caption(model: IMPModel, batch, rng, head=None):  # pylint: disable=unused-argument
   text_mask = batch.get('text_mask')
   logits, aux = model.caption_logits(batch['image'], batch['text'], text_mask, rng)
   return caption_loss(logits, batch['targets'], batch['target_mask']) + (aux,)
@@ -532,17 +553,25 @@ TASK_BATCH_KEYS = {
     'caption': ('image', 'text', 'targets', 'target_mask'),
 }
 # The IMPModel attributes whose parameters a task's loss reaches; all others get zero
-# gradient from it (tests/test_imp_model.py checks this).
+# gradient from it (tests/test_imp_model.py checks this). Of `classifiers`, only the task's
+# own head (`task_modules`).
 TASK_MODULES = {
-    'classify': ('image_embed', 'encoder', 'classifier'),
+    'classify': ('image_embed', 'encoder', 'classifiers'),
     'contrastive': ('image_embed', 'text_embed', 'encoder', 'image_proj', 'text_proj',
                     'log_temp'),
     'caption': ('image_embed', 'text_embed', 'encoder', 'caption_head'),
 }
 
 
-def task_loss(model: IMPModel, kind: str, batch: dict, rng: jax.Array | None = None):
-  """One AGD step's loss: the task loss of `kind` plus the MoE aux losses.
+def task_modules(kind: str, head: str | None = None) -> tuple[str, ...]:
+  """The modules a task's loss reaches, its classifier as 'classifiers/<head>'."""
+  return tuple(f'classifiers/{head}' if m == 'classifiers' else m for m in TASK_MODULES[kind])
+
+
+def task_loss(model: IMPModel, kind: str, batch: dict, rng: jax.Array | None = None,
+              head: str | None = None):
+  """One AGD step's loss: the task loss of `kind` plus the MoE aux losses; `head` names
+  the classifier of a classification task (optional with one head).
 
   -> (loss, metrics): metrics hold the task's own metrics, 'task_loss', 'moe_aux_loss',
   'loss' (the total) and the MoE layers' router metrics under 'moe/...'.
@@ -552,7 +581,7 @@ def task_loss(model: IMPModel, kind: str, batch: dict, rng: jax.Array | None = N
   missing = [k for k in TASK_BATCH_KEYS[kind] if k not in batch]
   if missing:
     raise ValueError(f'IMP task {kind!r}: batch lacks {missing} (has {sorted(batch)})')
-  loss, metrics, aux = TASKS[kind](model, batch, rng)
+  loss, metrics, aux = TASKS[kind](model, batch, rng, head)
   aux_loss = sum((v for k, v in aux.items() if k.endswith('/aux_loss')), jnp.float32(0.0))
   total = loss + aux_loss
   return total, {**metrics, 'task_loss': loss, 'moe_aux_loss': aux_loss, 'loss': total,

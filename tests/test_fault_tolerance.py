@@ -112,8 +112,9 @@ def test_an_incomplete_step_directory_is_set_aside_and_the_run_resumes(data_dir,
 # Elastic restore
 
 
-def test_resume_onto_three_other_meshes_gives_the_same_next_step_loss(data_dir, tmp_path):
-  """configs/moe.py:tiny (shrunk) saved on data 2 x expert 4, resumed on three others."""
+def test_resume_onto_other_meshes_gives_the_same_next_step_loss(data_dir, tmp_path):
+  """configs/moe.py:tiny (shrunk) saved on data 2 x expert 4, resumed on all-data and on
+  fsdp 2 x expert 2 x tensor 2."""
   def config(data, fsdp, expert, tensor):
     c = tiny_config(moe.get_config('tiny'), **{
         'data.data_dir': data_dir, 'model.moe.num_experts': 4, 'model.moe.mlp_dim': 64,
@@ -124,7 +125,7 @@ def test_resume_onto_three_other_meshes_gives_the_same_next_step_loss(data_dir, 
   original = (2, 1, 4, 1)
   saved = tmp_path / 'x'.join(map(str, original))
   loop.train(config(*original), str(saved), stop_at=3)
-  others = ((8, 1, 1, 1), (1, 2, 2, 2), (2, 4, 1, 1))
+  others = ((8, 1, 1, 1), (1, 2, 2, 2))
   for mesh in others:
     shutil.copytree(saved, tmp_path / 'x'.join(map(str, mesh)))
   losses = {}

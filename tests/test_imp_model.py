@@ -17,7 +17,8 @@ from moe import layer as moe_layer, routing
 from training import sharding
 
 SPEC = imp.IMPSpec(embed_dim=16, num_layers=2, num_heads=2, head_dim=8, mlp_dim=32,
-                   num_classes=6, patch_size=4, max_text_len=16, proj_dim=8)
+                   classifiers=(('shapes', 6),), patch_size=4, max_text_len=16,
+                   proj_dim=8)
 MOE = moe_layer.MoESpec(
     num_experts=4, mlp_dim=16, dispatch='capacity',
     router=routing.RouterConfig(name='expert_choice', capacity_factor=1.0,
@@ -92,8 +93,8 @@ def test_contrastive_loss_matches_numpy():
   i2t = np.mean(logits.argmax(axis=1) == labels)
   t2i = np.mean(logits.argmax(axis=0) == labels)
   assert i2t < 1
-  np.testing.assert_allclose(metrics['i2t_recall@1'], i2t)
-  np.testing.assert_allclose(metrics['t2i_recall@1'], t2i)
+  np.testing.assert_allclose(metrics['i2t_recall_at_1'], i2t)
+  np.testing.assert_allclose(metrics['t2i_recall_at_1'], t2i)
   np.testing.assert_allclose(metrics['logit_scale'], 4.0, rtol=1e-6)
 
 
@@ -139,7 +140,7 @@ def test_task_loss_reaches_only_its_modules(kind):
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
     top = path[0].key
     norms[top] = norms.get(top, 0.0) + float(jnp.sum(jnp.abs(g)))
-  assert set(norms) == {'image_embed', 'text_embed', 'encoder', 'classifier', 'image_proj',
+  assert set(norms) == {'image_embed', 'text_embed', 'encoder', 'classifiers', 'image_proj',
                         'text_proj', 'log_temp', 'caption_head'}
   reached = {k for k, v in norms.items() if v > 0}
   assert reached == set(imp.TASK_MODULES[kind]), norms

@@ -1,6 +1,7 @@
 """IMP alternating gradient descent (training/imp_loop.py): compilations per signature,
 masked updates, exact resume, summed baseline, bad configs."""
 
+import os
 import shutil
 
 import jax
@@ -63,7 +64,8 @@ def _one_step(config, kind_task):
   it = imp_loop.imp_tasks.make_task_iterator(kind_task, tasks[kind_task], config.data, seed=0)
   step = jax.jit(lambda s, b: imp_loop._step(  # pylint: disable=protected-access
       s, b, graphdef=layout.graphdef, tx=layout.tx, kinds={n: t.kind for n, t in tasks.items()},
-      weights={n: 1.0 for n in tasks}, mask=config.agd.mask_updates, seed=0, counter=[]))
+      heads=imp_loop.task_heads(config), weights={n: 1.0 for n in tasks},
+      mask=config.agd.mask_updates, seed=0, counter=[]))
   with jax.set_mesh(mesh):
     state, _ = step(state, {kind_task: next(it)})
     state, _ = step(state, {kind_task: next(it)})  # a 2nd step: moments and decay both act
@@ -71,12 +73,15 @@ def _one_step(config, kind_task):
 
 
 def _by_module(tree):
-  """{module: [leaves]} of a params-shaped tree or an optimizer state holding such trees."""
+  """{module: [leaves]} of a params-shaped tree or an optimizer state holding such trees;
+  each classifier head is its own module ('classifiers/<head>')."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     names = [str(getattr(k, 'key', '')) for k in path]
-    module = next((n for n in names if n in imp.TASK_MODULES['contrastive']
-                   + imp.TASK_MODULES['caption'] + imp.TASK_MODULES['classify']), None)
+    if 'classifiers' in names:
+      module = 'classifiers/' + names[names.index('classifiers') + 1]
+    else:
+      module = next((n for n in names if n in sum(imp.TASK_MODULES.values(), ())), None)
     if module:
       out.setdefault(module, []).append(leaf)
   return out
@@ -84,12 +89,17 @@ def _by_module(tree):
 
 @pytest.mark.parametrize('mask', [True, False])
 def test_a_step_changes_only_what_the_task_reaches_unless_asked(data_dir, mask):
-  config = small(data_dir, f'tiny,mask={int(mask)}')
+  """classify32 on head 'shapes', classify16 on its own head 'small': a step on classify32
+  leaves 'small' (and the text side) exactly as it was."""
+  config = small(data_dir, f'tiny,mask={int(mask)}', **{'tasks.classify16.head': 'small'})
+  config.model.imp.classifiers.small = 6
   before, after = _one_step(config, 'classify32')
-  reached = set(imp.TASK_MODULES['classify'])
+  reached = set(imp.task_modules('classify', 'shapes'))
   for part in ('params', 'opt_state'):
     old, new = _by_module(before[part]), _by_module(after[part])
-    assert set(old) == set(nnx.to_pure_dict(before['params']))
+    assert set(old) == {'image_embed', 'text_embed', 'encoder', 'classifiers/shapes',
+                        'classifiers/small', 'image_proj', 'text_proj', 'log_temp',
+                        'caption_head'}
     for module in old:
       same = all(np.array_equal(a, b) for a, b in zip(old[module], new[module]))
       if module in reached:
@@ -117,8 +127,20 @@ def test_summed_baseline_takes_every_task_each_step(data_dir, tmp_path):
     ({'tasks.contrastive.batch_size': 12}, 'batch_size=12 is not divisible by the 8'),
     ({'tasks.caption.kind': 'translate'}, "kind='translate'"),
     ({'tasks.classify32.weight': -1.0}, 'classify32'),
+    ({'eval.zeroshot_prompts': ('a circle',)}, "one '{}' for the class name"),
+    ({'tasks.classify16.head': 'imagenet'}, "head='imagenet': name one of the classifier"),
 ])
 def test_bad_imp_configs(data_dir, overrides, words):
   with pytest.raises(ValueError) as err:
     validate(small(data_dir, **overrides), 8)
   assert words in str(err.value), str(err.value)
+
+
+def test_a_dataset_with_more_classes_than_the_head_is_refused_before_compiling(data_dir,
+                                                                                tmp_path):
+  config = small(data_dir, **{'model.imp.classifiers.shapes': 4})
+  with pytest.raises(ValueError, match=r"task 'classify16': dataset 'mm_shapes' has 6 "
+                                       r'classes, more than its head '
+                                       r'model.imp.classifiers.shapes=4'):
+    imp_loop.train(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / 'checkpoints')

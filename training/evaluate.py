@@ -171,21 +171,40 @@ class _Totals:
     return {k: v / self.batches for k, v in self.routing.items()}
 
 
-def evaluate(config, workdir: str) -> dict:
-  validate(config, jax.device_count())
-  if config.model.family == 'imp':
-    raise ValueError('eval.py does not evaluate IMP runs yet (per-task metrics are in '
-                     f'{workdir}/metrics.jsonl; the tasks section of eval.json is issue 7)')
+def restore_latest(config, workdir: str):
+  """-> (mesh, state layout, state, step) of the newest checkpoint in `workdir`."""
   mesh = sharding.make_mesh(config.mesh)
   layout = state_lib.state_layout(config, mesh)
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.max_checkpoints)
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint in {ckpt.directory}: train first '
-                            f'(python train.py --config=... --workdir={workdir})')
-  logging.info('evaluating %s/%d', ckpt.directory, step)
-  state, _ = ckpt.restore(step, layout.abstract)
-  ckpt.close()
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {ckpt.directory}: train first '
+                              f'(python train.py --config=... --workdir={workdir})')
+    logging.info('evaluating %s/%d', ckpt.directory, step)
+    state, _ = ckpt.restore(step, layout.abstract)
+  finally:
+    ckpt.close()
+  return mesh, layout, state, int(step)
+
+
+def _write(workdir: str, report: dict) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'eval.json'), 'w') as f:
+      json.dump(report, f, indent=1)
+
+
+def evaluate(config, workdir: str) -> dict:
+  validate(config, jax.device_count())
+  mesh, layout, state, step = restore_latest(config, workdir)
+  if config.model.family == 'imp':
+    from training import imp_eval  # pylint: disable=import-outside-toplevel  (imports us)
+    report = {'step': step, 'tasks': imp_eval.evaluate_tasks(
+        config, mesh, layout.graphdef, state['params'])}
+    _write(workdir, report)
+    if jax.process_index() == 0:
+      plots.plot_task_curves(workdir)
+    return report
 
   names = tokenizer.MODALITIES
   moma = state_lib.model_spec(config).moma
@@ -242,9 +261,8 @@ def evaluate(config, workdir: str) -> dict:
     report['routing'] = routing_report(
         totals.routing_mean(), modality_names=names, expert_names=expert_names,
         causal_aux=causal.routing_mean() if causal is not None else None)
+  _write(workdir, report)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'eval.json'), 'w') as f:
-      json.dump(report, f, indent=1)
     plots.plot_loss_curves(workdir, names, report)
     if moma is not None:
       plots.plot_routing_load(workdir, report)

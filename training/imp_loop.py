@@ -19,6 +19,7 @@ checkpoints the step reached, a workdir of another config is refused.
 from __future__ import annotations
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,13 @@ def task_specs(config) -> dict:
   return {name: config.tasks[name] for name in sorted(config.tasks)}
 
 
+def task_heads(config) -> dict[str, str]:
+  """{classification task: its classifier head (`head`, or the model's only one)}."""
+  heads = list(config.model.imp.classifiers)
+  return {n: t.get('head') or (heads[0] if len(heads) == 1 else '')
+          for n, t in task_specs(config).items() if t.kind == 'classify'}
+
+
 def model_batch(kind: str, batch: dict) -> dict:
   """A data/imp_tasks.py batch -> models/imp.py's batch of `kind` (images to [-1, 1])."""
   out = {'image': batch['image'] * 2.0 - 1.0}
@@ -54,17 +62,28 @@ def model_batch(kind: str, batch: dict) -> dict:
 
 def keep_unreached(new, old, reached: tuple[str, ...], modules: tuple[str, ...]):
   """Leaves under a model module not in `reached` take `old`; everything else `new`.
-  Works for params and for optimizer states holding params-shaped trees (Adam moments)."""
+  A module is a path of keys ('encoder', 'classifiers/shapes'). Works for params and for
+  optimizer states holding params-shaped trees (Adam moments)."""
+  parts = [(m, m.split('/')) for m in modules]
+
   def pick(path, n, o):
     names = [str(getattr(k, 'key', '')) for k in path]
-    module = next((m for m in names if m in modules), None)
+    module = next((m for i in range(len(names)) for m, p in parts
+                   if names[i:i + len(p)] == p), None)
     return n if module is None or module in reached else o
   return jax.tree_util.tree_map_with_path(pick, new, old)
 
 
-def _step(state, batches, *, graphdef, tx, kinds: dict, weights: dict, mask: bool,
-          seed: int, counter: list):
-  """One optimizer step on `batches` ({task: batch}); the loss is their weighted sum."""
+def all_modules(head_names) -> tuple[str, ...]:
+  """Every module a task can reach, each classifier head its own."""
+  plain = {m for ms in imp.TASK_MODULES.values() for m in ms if m != 'classifiers'}
+  return tuple(sorted(plain | {f'classifiers/{h}' for h in head_names}))
+
+
+def _step(state, batches, *, graphdef, tx, kinds: dict, heads: dict, weights: dict,
+          mask: bool, seed: int, counter: list):
+  """One optimizer step on `batches` ({task: batch}); the loss is their weighted sum.
+  `heads`: each classification task's classifier head."""
   counter.append(1)  # runs once per trace, i.e. per compilation
   rng = jax.random.fold_in(jax.random.key(seed), state['step'])
 
@@ -73,7 +92,7 @@ def _step(state, batches, *, graphdef, tx, kinds: dict, weights: dict, mask: boo
     total, out = 0.0, {}
     for i, (name, batch) in enumerate(sorted(batches.items())):
       loss, m = imp.task_loss(model, kinds[name], model_batch(kinds[name], batch),
-                              jax.random.fold_in(rng, i))
+                              jax.random.fold_in(rng, i), heads.get(name))
       total = total + weights[name] * loss
       out.update({f'{name}/{k}': v for k, v in m.items() if jnp.ndim(v) == 0})
     return total, out
@@ -82,8 +101,9 @@ def _step(state, batches, *, graphdef, tx, kinds: dict, weights: dict, mask: boo
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
   if mask:
-    modules = tuple(sorted({m for ms in imp.TASK_MODULES.values() for m in ms}))
-    reached = tuple(sorted({m for n in batches for m in imp.TASK_MODULES[kinds[n]]}))
+    modules = all_modules(nnx.merge(graphdef, state['params']).head_names())
+    reached = tuple(sorted({m for n in batches for m in imp.task_modules(kinds[n],
+                                                                          heads.get(n))}))
     params = keep_unreached(params, state['params'], reached, modules)
     opt_state = keep_unreached(opt_state, state['opt_state'], reached, modules)
   out.update(loss=loss, grad_norm=optax.global_norm(grads))
@@ -102,6 +122,13 @@ def train(config, workdir: str, *, stop_at: int | None = None,
   schedule = agd.make_schedule(config.agd.schedule, [
       agd.Task(n, weight=float(t.weight), interval=int(t.interval))
       for n, t in tasks.items()], seed=config.seed)
+  for n, head in task_heads(config).items():  # before compiling: labels out of range
+    names = imp_tasks.class_names(config.data, tasks[n])
+    classes = config.model.imp.classifiers[head]
+    if names and len(names) > classes:
+      dataset = imp_tasks.task_data_config(config.data, tasks[n]).tfds_name
+      raise ValueError(f'task {n!r}: dataset {dataset!r} has {len(names)} classes, more '
+                       f'than its head model.imp.classifiers.{head}={classes}')
   layout = state_lib.state_layout(config, mesh)
   iters = {n: imp_tasks.make_task_iterator(
       n, t, config.data, seed=config.seed + i, process_index=jax.process_index(),
@@ -126,7 +153,7 @@ def train(config, workdir: str, *, stop_at: int | None = None,
 
   counter: list = []
   step_fn = functools.partial(_step, graphdef=layout.graphdef, tx=layout.tx, kinds=kinds,
-                              weights=weights, mask=config.agd.mask_updates and mode == 'agd',
+                              heads=task_heads(config), weights=weights, mask=config.agd.mask_updates and mode == 'agd',
                               seed=config.seed, counter=counter)
   jitted = jax.jit(step_fn, out_shardings=(layout.shardings, None), donate_argnums=0)
   batch_sh = NamedSharding(mesh, P(sharding.BATCH_AXES))
@@ -137,6 +164,7 @@ def train(config, workdir: str, *, stop_at: int | None = None,
   end = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
   writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
   pending, interval, last, step = [], [], {}, start
+  t_log, step_log = time.perf_counter(), start
 
   def save(at):
     ckpt.save(at, state, {'schedule': schedule.state(),
@@ -158,7 +186,10 @@ def train(config, workdir: str, *, stop_at: int | None = None,
           pending = []
         if is_log:
           last = _summarise(interval)
+          now = time.perf_counter()
           last['train/compilations'] = len(counter)
+          last['perf/step_time_s'] = (now - t_log) / (step - step_log)  # compiles included
+          t_log, step_log = now, step
           writer.write(step, last)
           if jax.process_index() == 0:
             metrics.log_console(f'step {step}/{config.total_steps} ' + ' '.join(

@@ -1,5 +1,5 @@
-"""Plots written next to a run: per-modality training loss curves from metrics.jsonl, and
-MoMa's per-layer expert load by modality from eval.json."""
+"""Plots written next to a run: per-modality training loss curves from metrics.jsonl,
+MoMa's per-layer expert load by modality from eval.json, and IMP's per-task loss curves."""
 
 from __future__ import annotations
 
@@ -37,6 +37,34 @@ def plot_loss_curves(workdir: str, modality_names, report: dict | None = None) -
   ax.legend()
   path = os.path.join(workdir, 'loss_curves.png')
   fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def plot_task_curves(workdir: str) -> str | None:
+  """WORKDIR/task_curves.png (IMP): each task's training loss (`train/<task>/task_loss`)
+  vs step, one panel per task. None if metrics.jsonl has no task losses."""
+  rows = read_metrics(workdir)
+  tasks = sorted({k.split('/')[1] for r in rows for k in r
+                  if k.startswith('train/') and k.endswith('/task_loss')})
+  if not tasks:
+    return None
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.2), squeeze=False)
+  for ax, task in zip(axes[0], tasks):
+    key = f'train/{task}/task_loss'
+    ax.plot(*zip(*[(r['step'], r[key]) for r in rows if key in r]))
+    ax.set_title(task, fontsize=9)
+    ax.set_xlabel('step')
+    ax.grid(alpha=0.3)
+  axes[0, 0].set_ylabel('training loss (task objective)')
+  fig.suptitle(os.path.basename(os.path.abspath(workdir)), fontsize=9)
+  fig.tight_layout()
+  path = os.path.join(workdir, 'task_curves.png')
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
