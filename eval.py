@@ -9,6 +9,9 @@ MoMa (configs/moma.py, the same config arg as training's main stage): eval.json 
 each layer's expert load per modality (plotted in WORKDIR/routing_load.png) and, once the
 aux stage has trained into WORKDIR/aux/, `causal_loss` / `causal_accuracy` per modality
 from the auxiliary routers' causal routing. Layout: training/evaluate.py.
+
+IMP (configs/imp.py): eval.json has `tasks` instead, one entry per task objective with its
+metric, value and chance level (training/imp_eval.py), and task_curves.png.
 """
 
 import json

@@ -22,9 +22,9 @@ Design (choices of this file, not all from the paper):
     loss reaches only `TASK_MODULES[kind]`; the trainer masks updates to those.
   * MoE: `MoELayer` FFNs in the LAST `moe_last` blocks (IMP: expert choice, capacity 1.0,
     QK-norm on). Every token is routed, text padding included (pads can take expert slots;
-    they never reach valid tokens' outputs, which attention masks and pooling exclude):
-    MoELayer's `token_mask_BT` is not used because with it the router z-loss averages the
-    masked tokens' -1e9 logits (~1e17). Expert-choice routing looks at the whole routing
+    they never reach valid tokens' outputs, which attention masks and pooling exclude);
+    MoELayer's `token_mask_BT` would keep pads out of the expert slots (not used yet).
+    Expert-choice routing looks at the whole routing
     group, so under MoE the caption task is NOT strictly causal (a text token's routing
     depends on later tokens); the dense encoder is.
 

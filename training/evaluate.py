@@ -1,4 +1,6 @@
 """Evaluation of the latest checkpoint in a workdir -> `WORKDIR/eval.json` + plots.
+(IMP runs: training/imp_eval.py writes eval.json `tasks`; the rest of this docstring is the
+decoder families'.)
 
 eval.json:
   {"step": N,
