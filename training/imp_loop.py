@@ -1,14 +1,15 @@
 """IMP training: alternating gradient descent over tasks (configs/imp.py, SPEC.md §4).
 
     validate -> mesh -> model + optimizer layout -> resume (params, optimizer, schedule and
-    every task's data position) or init -> loop: task = schedule.next() -> its batch ->
-    its jitted step -> (log | check | save)
+    every task's data position) or init -> loop.run_steps: task = schedule.next() -> its
+    batch -> the jitted step -> (log | check | save)
 
 `mode='agd'`: each step takes one batch of one task (`training/agd.py` picks it) and
-updates on that task's loss alone. One jitted step per task kind; jax.jit compiles it once
-per distinct input signature (e.g. the 32x32 and 16x16 classification batches are two), and
+updates on that task's loss alone. One jitted step function; jax.jit compiles it once per
+distinct input signature (e.g. the 32x32 and 16x16 classification batches are two), and
 `train/compilations` counts them. With `agd.mask_updates` (default) a step changes only
-the parameters the task's loss reaches (`models/imp.TASK_MODULES`): the others, and their
+the parameters the task's loss reaches (`models/imp.task_modules`: of the classifier heads,
+only the task's own): the others, and their
 Adam moments, are left exactly as they were, so other tasks' heads and embedders get no
 momentum or weight-decay drift. `mask_updates=False` updates everything (IMP's released
 code). `mode='summed'`: every task's batch in every step, the weighted losses summed (the
@@ -153,7 +154,8 @@ def train(config, workdir: str, *, stop_at: int | None = None,
 
   counter: list = []
   step_fn = functools.partial(_step, graphdef=layout.graphdef, tx=layout.tx, kinds=kinds,
-                              heads=task_heads(config), weights=weights, mask=config.agd.mask_updates and mode == 'agd',
+                              heads=task_heads(config), weights=weights,
+                              mask=config.agd.mask_updates and mode == 'agd',
                               seed=config.seed, counter=counter)
   jitted = jax.jit(step_fn, out_shardings=(layout.shardings, None), donate_argnums=0)
   batch_sh = NamedSharding(mesh, P(sharding.BATCH_AXES))
@@ -163,47 +165,38 @@ def train(config, workdir: str, *, stop_at: int | None = None,
 
   end = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
   writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
-  pending, interval, last, step = [], [], {}, start
-  t_log, step_log = time.perf_counter(), start
+  timer = {'t': time.perf_counter(), 'step': start}
 
-  def save(at):
+  def take_step(step: int) -> dict:
+    del step  # the schedule keeps its own position
+    nonlocal state
+    names = list(tasks) if mode == 'summed' else [schedule.next()]
+    state, out = jitted(state, {n: put(next(iters[n])) for n in names})
+    return out
+
+  def on_log(step: int, rows: list[dict]) -> dict:
+    scalars = _summarise(rows)
+    now = time.perf_counter()
+    scalars['train/compilations'] = len(counter)
+    scalars['perf/step_time_s'] = (now - timer['t']) / (step - timer['step'])  # + compiles
+    timer.update(t=now, step=step)
+    writer.write(step, scalars)
+    if jax.process_index() == 0:
+      metrics.log_console(f'step {step}/{config.total_steps} ' + ' '.join(
+          f'{k[6:]}={v:.4g}' for k, v in sorted(scalars.items()) if k.endswith('/loss')))
+    return scalars
+
+  def save(at: int) -> None:
     ckpt.save(at, state, {'schedule': schedule.state(),
                           'tasks': {n: it.get_state() for n, it in iters.items()}},
               config.to_json())
 
   try:
-    with jax.set_mesh(mesh), loop_lib._Preemption() as preempt:  # pylint: disable=protected-access
-      while step < end:
-        names = list(tasks) if mode == 'summed' else [schedule.next()]
-        state, out = jitted(state, {n: put(next(iters[n])) for n in names})
-        step += 1
-        pending.append((step, out))
-        preempted = preempt.check(step)
-        is_log = step % config.log_every == 0 or step == end
-        is_save = step % config.checkpoint_every == 0 or step == end or preempted
-        if is_log or is_save:
-          interval += [m for _, m in loop_lib.check_finite(pending)]
-          pending = []
-        if is_log:
-          last = _summarise(interval)
-          now = time.perf_counter()
-          last['train/compilations'] = len(counter)
-          last['perf/step_time_s'] = (now - t_log) / (step - step_log)  # compiles included
-          t_log, step_log = now, step
-          writer.write(step, last)
-          if jax.process_index() == 0:
-            metrics.log_console(f'step {step}/{config.total_steps} ' + ' '.join(
-                f'{k[6:]}={v:.4g}' for k, v in sorted(last.items()) if k.endswith('/loss')))
-          interval = []
-        if is_save:
-          save(step)
-        if preempted:
-          logging.warning('checkpointed step %d after SIGTERM; exiting.', step)
-          break
+    return loop_lib.run_steps(config, mesh, start, end, take_step=take_step, on_log=on_log,
+                              save=save)
   finally:
     ckpt.close()
     writer.close()
-  return last
 
 
 def _summarise(rows: list[dict]) -> dict:

@@ -100,6 +100,40 @@ def check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
   return fetched
 
 
+def run_steps(config, mesh, start: int, end: int, *, take_step, on_log, save) -> dict:
+  """The step loop of both trainers (this file's and training/imp_loop.py's).
+
+  `take_step(step)` runs step `step + 1` and returns its device metrics (with a 'loss').
+  Every `log_every` steps and at `end` the metrics since the last log are checked for
+  NaN/Inf (`check_finite`), then `on_log(step, rows)` -> the logged scalars. `save(step)`
+  checkpoints every `checkpoint_every` steps, at `end` and after SIGTERM, which then stops
+  the loop (`_Preemption`). -> the last logged scalars.
+  """
+  pending: list[tuple[int, dict]] = []  # per-step device metrics not yet checked
+  interval: list[dict] = []  # host metrics since the last log row
+  last: dict = {}
+  step = start
+  with jax.set_mesh(mesh), _Preemption() as preempt:
+    while step < end:
+      pending.append((step + 1, take_step(step)))
+      step += 1
+      preempted = preempt.check(step)  # once per step: the signal may land mid-iteration
+      is_log = step % config.log_every == 0 or step == end
+      is_save = step % config.checkpoint_every == 0 or step == end or preempted
+      if is_log or is_save:
+        interval += [m for _, m in check_finite(pending)]
+        pending = []
+      if is_log:
+        last = on_log(step, interval)
+        interval = []
+      if is_save:
+        save(step)
+      if preempted:
+        logging.warning('checkpointed step %d after SIGTERM; exiting.', step)
+        break
+  return last
+
+
 def resume(ckpt, start: int, config, abstract, workdir: str, allow_config_change: bool):
   """-> (state, data iterator state) of checkpoint `start`, after checking its config."""
   changes = checkpoint.config_changes(ckpt.read_config(start), config)
@@ -181,49 +215,36 @@ def train(config, workdir: str, *, stop_at: int | None = None,
                              flops.train_flops_per_step(spec, config.seq_len,
                                                         config.batch_size),
                              config.total_steps)
-  pending: list[tuple[int, dict]] = []  # per-step device metrics not yet checked
-  interval: list[dict] = []  # host metrics since the last log row
-  last: dict = {}
   compiled = None
-  step = start
+
+  def take_step(step: int) -> dict:
+    nonlocal state, compiled
+    batch = sharding.shard_batch(next(data_iter), batch_sh)
+    if compiled is None:
+      t0 = time.perf_counter()
+      compiled = jitted.lower(state, batch).compile()
+      logging.info('compiled the train step in %.1fs', time.perf_counter() - t0)
+    state, step_metrics = compiled(state, batch)
+    if step == start:
+      rates.start(step + 1)  # the first step's time includes dispatch warm-up
+    return step_metrics
+
+  def on_log(step: int, rows: list[dict]) -> dict:
+    scalars = metrics.summarise(rows, names)
+    scalars['train/lr'] = float(schedule(step - 1))
+    if step > start + 1:
+      scalars.update(rates.measure(step))
+    writer.write(step, scalars)
+    if is_chief:
+      metrics.log_console(metrics.console_line(step, config.total_steps, scalars, names))
+    return scalars
 
   def save(at: int) -> None:
     ckpt.save(at, state, data_iter.get_state(), config.to_json())
 
   try:
-    with jax.set_mesh(mesh), _Preemption() as preempt:
-      while step < end:
-        batch = sharding.shard_batch(next(data_iter), batch_sh)
-        if compiled is None:
-          t0 = time.perf_counter()
-          compiled = jitted.lower(state, batch).compile()
-          logging.info('compiled the train step in %.1fs', time.perf_counter() - t0)
-        state, step_metrics = compiled(state, batch)
-        step += 1
-        pending.append((step, step_metrics))
-        if step == start + 1:
-          rates.start(step)  # the first step's time includes dispatch warm-up
-        preempted = preempt.check(step)  # once per step: the signal may land mid-iteration
-        is_log = step % config.log_every == 0 or step == end
-        is_save = step % config.checkpoint_every == 0 or step == end or preempted
-        if is_log or is_save:
-          interval += [m for _, m in check_finite(pending)]
-          pending = []
-        if is_log:
-          last = metrics.summarise(interval, names)
-          last['train/lr'] = float(schedule(step - 1))
-          if step > start + 1:
-            last.update(rates.measure(step))
-          writer.write(step, last)
-          if is_chief:
-            metrics.log_console(metrics.console_line(step, config.total_steps, last, names))
-          interval = []
-        if is_save:
-          save(step)
-        if preempted:
-          logging.warning('checkpointed step %d after SIGTERM; exiting.', step)
-          break
+    return run_steps(config, mesh, start, end, take_step=take_step, on_log=on_log,
+                     save=save)
   finally:
     ckpt.close()
     writer.close()
-  return last
