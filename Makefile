@@ -28,9 +28,11 @@ train: venv
 eval: venv
 	$(PY) eval.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
-# pytest on 8 fake CPU devices (tests/conftest.py sets them up).
+# pytest on 8 fake CPU devices (tests/conftest.py sets them up), in TEST_WORKERS pytest-xdist
+# processes (2: the suite is mostly single-threaded XLA compiles; ~13 min on 2 cores).
+TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 tests
 
 bench: venv
 	$(PY) benchmarks/train_step.py

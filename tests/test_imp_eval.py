@@ -116,12 +116,14 @@ def test_tasks_equal_a_per_example_reference(data_dir):
 
 
 def test_tiny_trains_end_to_end_and_beats_chance_on_every_task(data_dir, tmp_path):
-  """configs/imp.py:tiny with a 2-layer, 64-wide encoder, all four tasks, 800 AGD steps."""
+  """configs/imp.py:tiny with a 2-layer, 64-wide encoder and captions cut to 48 tokens, all
+  four tasks, 800 AGD steps (one run: zero-shot 0.38, classification 0.57 / 0.80)."""
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}  # one CPU device
   args = ['--config=configs/imp.py:tiny', f'--workdir={tmp_path}',
           f'--config.data.data_dir={data_dir}', '--config.model.num_layers=2',
           '--config.model.embed_dim=64', '--config.model.head_dim=16',
-          '--config.model.mlp_dim=128', '--config.eval.num_examples=512']
+          '--config.model.mlp_dim=128', '--config.eval.num_examples=512',
+          '--config.tasks.contrastive.text_len=48', '--config.tasks.caption.text_len=48']
   for script, extra in (('train.py', ['--config.total_steps=800', '--config.log_every=100',
                                        '--config.checkpoint_every=800']), ('eval.py', [])):
     out = subprocess.run([sys.executable, script, *args, *extra], cwd=ROOT, env=env,
