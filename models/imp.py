@@ -22,9 +22,9 @@ Design (choices of this file, not all from the paper):
     loss reaches only `TASK_MODULES[kind]`; the trainer masks updates to those.
   * MoE: `MoELayer` FFNs in the LAST `moe_last` blocks (IMP: expert choice, capacity 1.0,
     QK-norm on). Every token is routed, text padding included (pads can take expert slots;
-    they never reach valid tokens' outputs, which attention masks and pooling exclude);
-    MoELayer's `token_mask_BT` would keep pads out of the expert slots (not used yet).
-    Expert-choice routing looks at the whole routing
+    Text padding is not routed: the encoder passes the valid tokens as MoELayer's
+    `token_mask_BT`, so pads take no expert slot and the router metrics and z-loss average
+    over real tokens only. Expert-choice routing looks at the whole routing
     group, so under MoE the caption task is NOT strictly causal (a text token's routing
     depends on later tokens); the dense encoder is.
 
@@ -318,10 +318,10 @@ class EncoderBlock(nnx.Module):
       self.ffn = layers.SwiGLU(embed_dim=spec.embed_dim, mlp_dim=spec.mlp_dim, dtype=dtype,
                                param_dtype=pdtype, rngs=rngs)
 
-  def __call__(self, x_BTD, mask_BTT, rng=None):
+  def __call__(self, x_BTD, mask_BTT, rng=None, valid_BT=None):
     h = x_BTD + self.attn(self.attn_norm(x_BTD), mask_BTT)
-    if self.use_moe:
-      y, aux = self.ffn(self.ffn_norm(h), rng)
+    if self.use_moe:  # only valid tokens are routed (None: all)
+      y, aux = self.ffn(self.ffn_norm(h), rng, valid_BT)
       return h + y, aux
     return h + self.ffn(self.ffn_norm(h)), {}
 
@@ -337,15 +337,17 @@ class Encoder(nnx.Module):
     self.final_norm = layers.RMSNorm(spec.embed_dim, param_dtype=dtype_of(spec.param_dtype),
                                      rngs=rngs)
 
-  def __call__(self, x_BTD: jax.Array, mask_BTT: jax.Array, rng: jax.Array | None = None):
-    """-> (y [B, T, D], aux); `rng` (training only) drives router jitter."""
-    call = lambda b, x, m, r: b(x, m, r)
+  def __call__(self, x_BTD: jax.Array, mask_BTT: jax.Array, rng: jax.Array | None = None,
+               valid_BT: jax.Array | None = None):
+    """-> (y [B, T, D], aux); `rng` (training only) drives router jitter; `valid_BT` (bool,
+    None = all) are the tokens the MoE layers route."""
+    call = lambda b, x, m, r, v: b(x, m, r, v)
     if self.remat:
       call = nnx.remat(call)
     aux = {}
     for i, block in enumerate(self.blocks):
       block_rng = None if rng is None else jax.random.fold_in(rng, i)
-      x_BTD, block_aux = call(block, x_BTD, mask_BTT, block_rng)
+      x_BTD, block_aux = call(block, x_BTD, mask_BTT, block_rng, valid_BT)
       aux.update({f'layer_{i}/{k}': v for k, v in block_aux.items()})
     return self.final_norm(x_BTD), aux
 
@@ -432,7 +434,8 @@ class IMPModel(nnx.Module):
 
   def encode_text(self, tokens_BT, mask_BT, rng=None):
     """-> (tokens [B, T, D], aux): bidirectional over the valid tokens."""
-    return self.encoder(self.text_embed(tokens_BT), padding_mask(mask_BT), rng)
+    mask_BT = jnp.asarray(mask_BT, jnp.bool_)
+    return self.encoder(self.text_embed(tokens_BT), padding_mask(mask_BT), rng, mask_BT)
 
   def classify(self, images_BHWC, rng=None, head: str | None = None):
     """-> (logits [B, classes of `head`] float32, aux). `head` may be left out when the
@@ -469,7 +472,8 @@ class IMPModel(nnx.Module):
     if mask_BT is None:
       mask_BT = jnp.ones(tokens_BT.shape, jnp.bool_)
     x = jnp.concatenate([img, txt], axis=1)
-    y, aux = self.encoder(x, prefix_lm_mask(N, mask_BT), rng)
+    valid = jnp.concatenate([jnp.ones(img.shape[:2], jnp.bool_), mask_BT], axis=1)
+    y, aux = self.encoder(x, prefix_lm_mask(N, mask_BT), rng, valid)
     return self.caption_head(y[:, N:]), aux
 
 

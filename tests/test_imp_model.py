@@ -165,6 +165,22 @@ def test_moe_in_last_layer_only():
                                rtol=1e-6)
 
 
+def test_moe_routes_no_padding():
+  """What the pad positions hold changes neither the valid tokens' outputs nor the router
+  metrics: pads take no expert slot (MoELayer token_mask) and the z-loss skips them."""
+  spec = dataclasses.replace(SPEC, moe=MOE, moe_last=2)
+  model = imp.IMPModel(spec, rngs=nnx.Rngs(4))
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, 200, (4, 16)).astype(np.int32)
+  mask = np.arange(16)[None] < np.array([[16], [9], [5], [12]])
+  other = np.where(mask, tokens, rng.integers(3, 200, tokens.shape)).astype(np.int32)
+  encode = nnx.jit(lambda m, t: m.encode_text(t, jnp.asarray(mask)))
+  (a, aux_a), (b, aux_b) = encode(model, tokens), encode(model, other)
+  np.testing.assert_allclose(np.asarray(a)[mask], np.asarray(b)[mask], rtol=1e-5, atol=1e-6)
+  for key in aux_a:
+    np.testing.assert_allclose(aux_a[key], aux_b[key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
 @pytest.mark.parametrize('overrides, message', [
     ({'embed_dim': 30}, 'multiple of 4'),
     ({'num_heads': 0}, 'num_heads must be an int >= 1'),
