@@ -142,3 +142,16 @@ def test_tiny_trains_end_to_end_and_beats_chance_on_every_task(data_dir, tmp_pat
     else:
       assert e['value'] < 0.5 * e['chance'], (name, e)
   assert os.path.exists(tmp_path / 'task_curves.png')
+
+
+def test_a_dataset_without_labels_gets_retrieval_but_no_zero_shot(data_dir):
+  config = small(data_dir, **{'data.label_key': '', 'eval.batch_size': 8,
+                              'eval.num_examples': 16})
+  for name in ('caption', 'classify16', 'classify32'):
+    del config.tasks[name]
+  mesh = sharding.make_mesh(config.mesh)
+  layout = state_lib.state_layout(config, mesh)
+  params = state_lib.init_state(config, layout)['params']
+  tasks = imp_eval.evaluate_tasks(config, mesh, layout.graphdef, params)
+  assert sorted(tasks) == ['contrastive/i2t', 'contrastive/t2i']
+  assert all(e['examples'] == 16 and e['chance'] == 1 / 16 for e in tasks.values())

@@ -81,7 +81,8 @@ def _embed(params, batch, *, graphdef):
   b = imp_loop.model_batch('contrastive', batch)
   img, _ = model.embed_image(b['image'])
   txt, _ = model.embed_text(b['text'], b['text_mask'])
-  return img, txt, batch['label']
+  labels = batch.get('label', jnp.zeros(img.shape[:1], jnp.int32))  # 0s: no label feature
+  return img, txt, labels
 
 
 def _embed_text(params, text, mask, *, graphdef):
@@ -94,8 +95,8 @@ def _caption(params, batch, *, graphdef, vocab_size: int):
   b = imp_loop.model_batch('caption', batch)
   _, metrics = imp.task_loss(model, 'caption', b)
   n = metrics['num_tokens']
-  counts = jnp.bincount(b['targets'].ravel(), weights=b['target_mask'].ravel().astype(jnp.float32),
-                        length=vocab_size)
+  weights = b['target_mask'].ravel().astype(jnp.float32)
+  counts = jnp.bincount(b['targets'].ravel(), weights=weights, length=vocab_size)
   return metrics['task_loss'] * n, n, counts
 
 
@@ -112,21 +113,21 @@ class _Runner:
     self.embed, self.embed_text = jit(_embed), jit(_embed_text)
     self.caption = jit(_caption, vocab_size=config.model.vocab_size)
 
-  def batches(self, name, task):
+  def batches(self, name, task, labels: bool):
     task = ml_collections.ConfigDict(task.to_dict())
     task.batch_size = self.config.eval.batch_size
     it = imp_tasks.make_task_iterator(
         name, task, self.config.data, seed=0, split_key='eval_split', repeat=False,
-        num_examples=self.config.eval.num_examples or None, labels=True,
+        num_examples=self.config.eval.num_examples or None, labels=labels,
         process_index=jax.process_index(), process_count=jax.process_count())
     for batch in it:
       yield {k: jax.make_array_from_process_local_data(self.batch_sh, v)
              for k, v in batch.items()}
 
-  def run(self, fn, name, task, sums=False):
+  def run(self, fn, name, task, sums=False, labels=False):
     """-> (fn's outputs over the eval batches, concatenated along the batch or, with
-    `sums`, summed; the number of examples)."""
-    outs = [jax.device_get(fn(self.params, b)) for b in self.batches(name, task)]
+    `sums`, summed; the number of examples). `labels`: the batches carry 'label'."""
+    outs = [jax.device_get(fn(self.params, b)) for b in self.batches(name, task, labels)]
     if not outs:
       raise ValueError(f'task {name!r}: the eval split has fewer than one batch of '
                        f'config.eval.batch_size={self.config.eval.batch_size} examples')
@@ -157,14 +158,16 @@ def evaluate_tasks(config, mesh, graphdef, params) -> dict:
       logging.info('evaluating IMP task %s (%s)', name, task.kind)
       fn = {'classify': runner.classify.get(heads.get(name)), 'contrastive': runner.embed,
             'caption': runner.caption}[task.kind]
-      outputs, n = runner.run(fn, name, task, sums=task.kind == 'caption')
+      names = (imp_tasks.class_names(config.data, task) if task.kind == 'contrastive'
+               else None)  # zero-shot needs the dataset's label names
+      outputs, n = runner.run(fn, name, task, sums=task.kind == 'caption',
+                              labels=task.kind == 'classify' or bool(names))
       if task.kind == 'classify':
         pred, labels = outputs
         out[name] = _entry('accuracy', np.mean(pred == labels), majority_share(labels), n)
       elif task.kind == 'contrastive':
         img, txt, labels = (np.asarray(x, np.float64) for x in outputs)
         sim = img @ txt.T
-        names = imp_tasks.class_names(config.data, task)
         if names:
           pred = np.argmax(img @ runner.prompts(names).T, axis=-1)
           labels = labels.astype(np.int64)
