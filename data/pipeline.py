@@ -6,8 +6,8 @@ and/or its image (`data.image_key`), in the order given by `data.order`, cut or
 padded to seq_len + 1 tokens and shifted into (tokens, targets).
 
 Train: all records -> global shuffle, reshuffled each epoch -> repeat forever
--> encode -> this process's rows of each global batch (`ProcessRows`) -> batch. Everything is a function of
-(seed, position in the stream), so `get_state()` is just that position and a
+-> encode -> this process's rows of each global batch (`ProcessRows`) -> batch.
+Everything is a function of (seed, position in the stream), so `get_state()` is just that position and a
 restored iterator yields exactly the batches the uninterrupted one would.
 
 Eval: the first num_examples records (all by default) in order, the same

@@ -104,7 +104,7 @@ class _Runner:
   """Reads a task's eval batches and runs the jitted functions on them."""
 
   def __init__(self, config, mesh, graphdef, params):
-    self.config, self.mesh, self.params = config, mesh, params
+    self.config, self.params = config, params
     self.batch_sh = NamedSharding(mesh, P(sharding.BATCH_AXES))
     self.replicated = NamedSharding(mesh, P())
     jit = lambda f, **kw: jax.jit(functools.partial(f, graphdef=graphdef, **kw),

@@ -109,13 +109,8 @@ def _validate_imp(config, sizes) -> None:
   spec = imp.spec_from_config(config.model, param_dtype=config.param_dtype,
                               compute_dtype=config.compute_dtype)
   imp.check_spec(spec)
-  heads = [h for h, _ in spec.classifiers]
   for name, task in config.tasks.items():
     imp_tasks.check_task(name, task)
-    head = task.get('head') or (heads[0] if len(heads) == 1 else '')
-    if task.kind == 'classify' and head not in heads:
-      raise ValueError(f'config.tasks.{name}.head={task.get("head", "")!r}: name one of the '
-                       f'classifier heads in model.imp.classifiers: {heads}')
     if task.batch_size % shards:
       raise ValueError(f'config.tasks.{name}.batch_size={task.batch_size} is not divisible '
                        f'by the {shards} batch shards')
@@ -125,6 +120,11 @@ def _validate_imp(config, sizes) -> None:
     if task.kind != 'classify' and task.text_len > spec.max_text_len:
       raise ValueError(f'config.tasks.{name}.text_len={task.text_len} exceeds '
                        f'model.imp.max_text_len={spec.max_text_len}')
+  heads = [h for h, _ in spec.classifiers]
+  for name, head in imp_loop.task_heads(config).items():  # every task checked above
+    if head not in heads:
+      raise ValueError(f'config.tasks.{name}.head={config.tasks[name].get("head", "")!r}: '
+                       f'name one of the classifier heads in model.imp.classifiers: {heads}')
   prompts = config.eval.get('zeroshot_prompts')
   if (not isinstance(prompts, (tuple, list)) or not prompts
       or any(not isinstance(p, str) or p.count('{}') != 1 for p in prompts)):
