@@ -2,8 +2,9 @@
 
   grouped_swiglu(x sorted by expert, group_sizes)   the dropless MoE path (moe/dispatch.py)
   grouped_swiglu_rows / grouped_matmul_rows(x, group id per row)   rows in any order (MoT's
-      modality-untied projections): a counting sort on the group id (E is small) places
-      each row straight into the kernel layout, one gather brings it back; no argsort.
+      modality-untied projections): a counting sort on the group id (E is small) gives each
+      row's slot in the kernel layout; one gather places the rows, one brings them back
+      (no argsort, and no scatter in either direction).
 
 Rows of group j are contiguous in the kernel layout. Three kernels:
 
@@ -14,7 +15,11 @@ Rows of group j are contiguous in the kernel layout. Three kernels:
                 padded rows are cut into blocks that each belong to one expert, and a
                 loop over the used blocks runs one [block, D] x [D, F] SwiGLU per block
                 with that expert's weights (custom VJP: weight gradients accumulate in
-                place). FLOPs ~ (N + E·block)·D·F: near dense cost on CPU.
+                place). FLOPs ~ (N + E·block)·D·F: near dense cost on CPU. The row calls
+                (MoT's modalities) run the same layout as chunks instead (`_chunks`): each
+                group's blocks in at most log2(num_blocks) + 1 GEMMs, about the dense
+                model's speed; always for one matmul, for SwiGLU up to CHUNK_MAX_GROUPS
+                groups (the loop above past that).
   'batched'     the same block layout, but every block in one batched matmul, each block
                 with its expert's weights gathered ([num_blocks, D, F] per weight; their
                 gradients summed back per expert by autodiff). FLOPs ~ (N + E·block)·D·F
@@ -43,6 +48,9 @@ AUTO = {'cpu': 'blocks', 'gpu': 'batched', 'cuda': 'batched', 'rocm': 'batched'}
 # Default rows per block (block=None), the best of benchmarks/moe_layer.py's sweeps: 2-core
 # CPU for 'blocks', H100 for 'batched' (docs/moe.md).
 BLOCK = {'blocks': 256, 'batched': 512}
+# Up to this many groups, 'blocks' SwiGLU layout calls run as chunks (see _chunks): MoT's
+# modalities. More groups (MoE experts) would mean E x log2(P / block) conditionals.
+CHUNK_MAX_GROUPS = 8
 
 
 def _varying_axes(*arrays) -> tuple[str, ...]:
@@ -143,6 +151,17 @@ def _blocks_fwd(x_nbD, w_gate, w_up, w_down, block_expert, num_used):
   return y, (x_nbD, a, u, w_gate, w_up, w_down, block_expert, num_used)
 
 
+def _swiglu_grads(x, a, u, dy, w_gate, w_up, w_down):
+  """SwiGLU backward of rows x with pre-activations a = x W_gate, u = x W_up: the
+  gradients of x, W_gate, W_up and W_down."""
+  sig = jax.nn.sigmoid(a)
+  silu = a * sig
+  dh = dy @ w_down.T
+  da = dh * u * (sig * (1 + a * (1 - sig)))
+  du = dh * silu
+  return da @ w_gate.T + du @ w_up.T, x.T @ da, x.T @ du, (silu * u).T @ dy
+
+
 def _blocks_bwd(res, dy_nbD):
   """Per used block, the SwiGLU backward with that expert's weights; weight gradients are
   added in place into one [E, ...] accumulator per weight (autodiff of a scan would instead
@@ -151,15 +170,11 @@ def _blocks_bwd(res, dy_nbD):
 
   def one_block(i, carry):
     dx, g_gate, g_up, g_down = carry
-    xb, a, u, dyb, e = x_nbD[i], a_nbF[i], u_nbF[i], dy_nbD[i], block_expert[i]
-    wg, wu, wd = w_gate[e], w_up[e], w_down[e]
-    sig = jax.nn.sigmoid(a)
-    silu = a * sig
-    dh = dyb @ wd.T
-    da = dh * u * (sig * (1 + a * (1 - sig)))
-    du = dh * silu
-    return (dx.at[i].set(da @ wg.T + du @ wu.T), g_gate.at[e].add(xb.T @ da),
-            g_up.at[e].add(xb.T @ du), g_down.at[e].add((silu * u).T @ dyb))
+    e = block_expert[i]
+    dxb, gg, gu, gd = _swiglu_grads(x_nbD[i], a_nbF[i], u_nbF[i], dy_nbD[i], w_gate[e],
+                                    w_up[e], w_down[e])
+    return (dx.at[i].set(dxb), g_gate.at[e].add(gg), g_up.at[e].add(gu),
+            g_down.at[e].add(gd))
 
   like = (x_nbD, w_gate, w_up, w_down, dy_nbD)
   init = tuple(_zeros(a.shape, a.dtype, *like) for a in (x_nbD, w_gate, w_up, w_down))
@@ -229,41 +244,115 @@ def grouped_swiglu(x_ND: jax.Array, w_gate_EDF: jax.Array, w_up_EDF: jax.Array,
 
 
 # ---------------------------------------------------------------------------
-# One grouped matmul (MoT's modality-untied projections): y = x @ w[group of the row].
+# Chunks ('blocks' with few groups, MoT's modalities): group e's padded rows, a multiple of
+# `block`, are cut by the binary digits of their block count into at most
+# log2(P / block) + 1 contiguous chunks, each ONE matmul under a `lax.cond` (static sizes,
+# dynamic offsets). Dense-sized GEMMs instead of a loop of block-sized ones, and no dynamic
+# slicing of the weights.
 
 
-@jax.custom_vjp
-def _blocks_matmul(x_nbK, w_EKN, block_expert, num_used):
-  """Block i < num_used: x_nbK[i] @ w[block_expert[i]]; the other blocks give 0."""
-  nb, b, _ = x_nbK.shape
-
-  def one(i, y):
-    return y.at[i].set(x_nbK[i] @ w_EKN[block_expert[i]])
-
-  y0 = _zeros((nb, b, w_EKN.shape[2]), jnp.result_type(x_nbK, w_EKN), x_nbK, w_EKN)
-  return jax.lax.fori_loop(0, num_used, one, y0)
-
-
-def _blocks_matmul_fwd(x_nbK, w_EKN, block_expert, num_used):
-  return _blocks_matmul(x_nbK, w_EKN, block_expert, num_used), (x_nbK, w_EKN, block_expert,
-                                                                  num_used)
+def _chunks(padded_sizes_E, block: int, P: int):
+  """(group, rows, offset, taken) of every possible chunk, largest first per group."""
+  starts = jnp.cumsum(padded_sizes_E) - padded_sizes_E
+  out = []
+  for e in range(padded_sizes_E.shape[0]):
+    off = starts[e]
+    for k in reversed(range((P // block).bit_length())):
+      rows = block << k  # <= P
+      taken = (padded_sizes_E[e] // rows) % 2 == 1
+      out.append((e, rows, off, taken))
+      off = off + jnp.where(taken, rows, 0)
+  return out
 
 
-def _blocks_matmul_bwd(res, dy_nbN):
-  x_nbK, w_EKN, block_expert, num_used = res
-
-  def one(i, carry):
-    dx, dw = carry
-    e = block_expert[i]
-    return (dx.at[i].set(dy_nbN[i] @ w_EKN[e].T), dw.at[e].add(x_nbK[i].T @ dy_nbN[i]))
-
-  like = (x_nbK, w_EKN, dy_nbN)
-  dx, dw = jax.lax.fori_loop(0, num_used, one, (_zeros(x_nbK.shape, x_nbK.dtype, *like),
-                                                _zeros(w_EKN.shape, w_EKN.dtype, *like)))
-  return dx, dw, None, None
+def _over_chunks(chunks, body, carry):
+  """carry <- body(group, rows, offset, carry) for each taken chunk."""
+  for e, rows, off, taken in chunks:
+    carry = jax.lax.cond(taken, functools.partial(body, e, rows, off), lambda c: c, carry)
+  return carry
 
 
-_blocks_matmul.defvjp(_blocks_matmul_fwd, _blocks_matmul_bwd)
+def _rows(a, off, rows):
+  return jax.lax.dynamic_slice_in_dim(a, off, rows)
+
+
+def _put(buf, value, off):
+  return jax.lax.dynamic_update_slice_in_dim(buf, value, off, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunks_matmul(x_PK, w_EKN, padded_sizes_E, block):
+  """Rows of group e (padded_sizes_E[e] rows, groups in order) times w[e]; other rows 0."""
+  y0 = _zeros((x_PK.shape[0], w_EKN.shape[2]), jnp.result_type(x_PK, w_EKN), x_PK, w_EKN)
+  return _over_chunks(_chunks(padded_sizes_E, block, x_PK.shape[0]),
+                      lambda e, n, off, y: _put(y, _rows(x_PK, off, n) @ w_EKN[e], off), y0)
+
+
+def _chunks_matmul_fwd(x_PK, w_EKN, padded_sizes_E, block):
+  return _chunks_matmul(x_PK, w_EKN, padded_sizes_E, block), (x_PK, w_EKN, padded_sizes_E)
+
+
+def _chunks_matmul_bwd(block, res, dy_PN):
+  """dx and dw as two independent chains of chunks, which XLA:CPU can run side by side."""
+  x_PK, w_EKN, padded_sizes_E = res
+  like = (x_PK, w_EKN, dy_PN)
+  chunks = _chunks(padded_sizes_E, block, x_PK.shape[0])
+  dx = _over_chunks(chunks, lambda e, n, off, dx: _put(dx, _rows(dy_PN, off, n) @ w_EKN[e].T,
+                                                       off),
+                    _zeros(x_PK.shape, x_PK.dtype, *like))
+  dw = _over_chunks(chunks, lambda e, n, off, dw: dw.at[e].add(
+      _rows(x_PK, off, n).T @ _rows(dy_PN, off, n)), _zeros(w_EKN.shape, w_EKN.dtype, *like))
+  return dx, dw, None
+
+
+_chunks_matmul.defvjp(_chunks_matmul_fwd, _chunks_matmul_bwd)
+
+
+def _chunks_swiglu_forward(x_PD, w_gate, w_up, w_down, padded_sizes_E, block):
+  """SwiGLU by chunks: y and the pre-activations a = x W_gate, u = x W_up ([P, F])."""
+  P, F = x_PD.shape[0], w_gate.shape[2]
+
+  def body(e, n, off, carry):
+    y, a_all, u_all = carry
+    xc = _rows(x_PD, off, n)
+    a, u = xc @ w_gate[e], xc @ w_up[e]
+    return (_put(y, (jax.nn.silu(a) * u) @ w_down[e], off), _put(a_all, a, off),
+            _put(u_all, u, off))
+
+  like = (x_PD, w_gate, w_up, w_down)
+  init = (_zeros(x_PD.shape, x_PD.dtype, *like), _zeros((P, F), x_PD.dtype, *like),
+          _zeros((P, F), x_PD.dtype, *like))
+  return _over_chunks(_chunks(padded_sizes_E, block, P), body, init)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _chunks_swiglu(x_PD, w_gate, w_up, w_down, padded_sizes_E, block):
+  """SwiGLU of group e on its padded rows (groups in order); other rows 0."""
+  return _chunks_swiglu_forward(x_PD, w_gate, w_up, w_down, padded_sizes_E, block)[0]
+
+
+def _chunks_swiglu_fwd(x_PD, w_gate, w_up, w_down, padded_sizes_E, block):
+  y, a, u = _chunks_swiglu_forward(x_PD, w_gate, w_up, w_down, padded_sizes_E, block)
+  return y, (x_PD, a, u, w_gate, w_up, w_down, padded_sizes_E)
+
+
+def _chunks_swiglu_bwd(block, res, dy_PD):
+  """The SwiGLU backward per chunk with its group's weights."""
+  x, a_all, u_all, w_gate, w_up, w_down, padded_sizes_E = res
+
+  def body(e, n, off, carry):
+    dx, g_gate, g_up, g_down = carry
+    dxc, gg, gu, gd = _swiglu_grads(*(_rows(t, off, n) for t in (x, a_all, u_all, dy_PD)),
+                                    w_gate[e], w_up[e], w_down[e])
+    return (_put(dx, dxc, off), g_gate.at[e].add(gg), g_up.at[e].add(gu),
+            g_down.at[e].add(gd))
+
+  like = (x, w_gate, w_up, w_down, dy_PD)
+  init = tuple(_zeros(t.shape, t.dtype, *like) for t in (x, w_gate, w_up, w_down))
+  return (*_over_chunks(_chunks(padded_sizes_E, block, x.shape[0]), body, init), None)
+
+
+_chunks_swiglu.defvjp(_chunks_swiglu_fwd, _chunks_swiglu_bwd)
 
 
 # ---------------------------------------------------------------------------
@@ -276,7 +365,7 @@ class RowsLayout(NamedTuple):
   Built once, it serves every grouped call over the same rows (MoT: all projections of a
   block), and values can stay in the layout between calls (`to_layout` / `from_layout`)."""
   dest: jax.Array  # [N] row -> slot (rows in no group: distinct out-of-range slots)
-  in_group: jax.Array  # [N] bool
+  src: jax.Array  # [P] slot -> row (padding slots: N, out of range)
   sizes: jax.Array  # [E] rows per group
   block_expert: jax.Array  # [num_blocks] each block's group (clipped to E - 1)
   num_used: jax.Array  # blocks holding rows: a prefix
@@ -285,8 +374,10 @@ class RowsLayout(NamedTuple):
   impl: str  # resolved kernel: 'ragged_dot' | 'blocks' | 'batched'
 
   def single_group(self) -> 'RowsLayout':
-    """The same slots as one group (a tied weight over every row of the layout)."""
-    return self._replace(sizes=jnp.sum(self.sizes, keepdims=True),
+    """The same slots as one group (a tied weight over every row of the layout): its size
+    is the groups' padded total, so it spans their padding too."""
+    padded = -(-self.sizes // self.block) * self.block
+    return self._replace(sizes=jnp.sum(padded, keepdims=True),
                          block_expert=jnp.zeros_like(self.block_expert))
 
 
@@ -313,32 +404,57 @@ def rows_layout(group_N: jax.Array, num_groups: int, *, impl: str = 'auto',
                    num_blocks * block + jnp.arange(N))
   block_expert = jnp.searchsorted(padded_ends, jnp.arange(num_blocks) * block, side='right')
   num_used = jnp.sum(block_expert < E)
-  return RowsLayout(dest, in_group, sizes, jnp.minimum(block_expert, E - 1), num_used,
+  P = num_blocks * block
+  src = (_zeros((P,), jnp.int32, dest) + N).at[dest].set(
+      jnp.arange(N, dtype=jnp.int32), mode='drop', unique_indices=True)
+  return RowsLayout(dest, src, sizes, jnp.minimum(block_expert, E - 1), num_used,
                     num_blocks, block, impl)
 
 
+@jax.custom_vjp
+def _gather_rows(x_NK, index_P, inverse_N):
+  """out[p] = x[index[p]] (0 where index[p] is out of range); `inverse` is its inverse
+  (index[inverse[r]] = r, out of range for rows no slot takes). The transpose of this
+  injective gather is the gather by the inverse, so both directions are gathers (a scatter,
+  autodiff's transpose, measured 2-4x slower on CPU)."""
+  del inverse_N
+  return x_NK.at[index_P].get(mode='fill', fill_value=0, unique_indices=True)
+
+
+def _gather_rows_fwd(x_NK, index_P, inverse_N):
+  return _gather_rows(x_NK, index_P, inverse_N), (index_P, inverse_N)
+
+
+def _gather_rows_bwd(res, g_PK):
+  index_P, inverse_N = res
+  return _gather_rows(g_PK, inverse_N, index_P), None, None
+
+
+_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
 def to_layout(x_NK: jax.Array, layout: RowsLayout) -> jax.Array:
-  """[N, K] rows -> [P, K] in the layout (one scatter; padding rows 0)."""
-  P = layout.num_blocks * layout.block
-  return _zeros((P,) + x_NK.shape[1:], x_NK.dtype, x_NK).at[layout.dest].set(
-      x_NK, mode='drop', unique_indices=True)
+  """[N, K] rows -> [P, K] in the layout (one gather; padding rows 0)."""
+  return _gather_rows(x_NK, layout.src, layout.dest)
 
 
 def from_layout(y_PK: jax.Array, layout: RowsLayout) -> jax.Array:
   """[P, K] in the layout -> [N, K] rows (one gather; rows in no group have out-of-range
   slots, so the fill gives them 0)."""
-  return y_PK.at[layout.dest].get(mode='fill', fill_value=0, unique_indices=True)
+  return _gather_rows(y_PK, layout.dest, layout.src)
+
 
 
 def _layout_call(kernel, x_PK, weights, layout):
   if weights[0].shape[0] == 1 and layout.sizes.shape[0] > 1:
     layout = layout.single_group()
   if layout.impl == 'ragged_dot':
-    return kernel('ragged_dot', x_PK, weights, layout.sizes)
-  nb, b = layout.num_blocks, layout.block
-  xb, *weights = _common_type(x_PK.reshape(nb, b, x_PK.shape[1]), *weights)
-  yp = kernel(layout.impl, xb, weights, (layout.block_expert, layout.num_used))
-  return yp.reshape(nb * b, -1)
+    return kernel('ragged_dot', x_PK, weights, layout)
+  x_PK, *weights = _common_type(x_PK, *weights)
+  kind = layout.impl
+  if kind == 'blocks' and layout.sizes.shape[0] <= CHUNK_MAX_GROUPS:
+    kind = 'chunks'
+  return kernel(kind, x_PK, weights, layout)
 
 
 def layout_matmul(x_PK: jax.Array, w_EKN: jax.Array, layout: RowsLayout) -> jax.Array:
@@ -360,20 +476,37 @@ def _rows_call(kernel, x_NK, weights, group_N, impl, block):
   return from_layout(_layout_call(kernel, to_layout(x_NK, layout), weights, layout), layout)
 
 
-def _matmul_kernel(kind, x, weights, extra):
-  if kind == 'ragged_dot':
-    return jax.lax.ragged_dot(x, weights[0], extra)
-  if kind == 'batched':
-    return jnp.einsum('nbk,nkm->nbm', x, _take_blocks(weights[0], extra[0]))
-  return _blocks_matmul(x, weights[0], *extra)
+def _padded_sizes(layout):
+  return -(-layout.sizes // layout.block) * layout.block
 
 
-def _swiglu_kernel(kind, x, weights, extra):
+def _tiles(x_PK, layout):
+  return x_PK.reshape(layout.num_blocks, layout.block, x_PK.shape[1])
+
+
+def _matmul_kernel(kind, x_PK, weights, layout):
+  w = weights[0]
+  if w.shape[0] == 1:  # one group holding every row: one dense matmul (padding rows are 0)
+    return x_PK @ w[0]
   if kind == 'ragged_dot':
-    return _swiglu_ragged(x, *weights, extra)
+    return jax.lax.ragged_dot(x_PK, w, layout.sizes)
   if kind == 'batched':
-    return _batched_swiglu(x, *weights, extra[0])
-  return _blocks_swiglu(x, *weights, *extra)
+    y = jnp.einsum('nbk,nkm->nbm', _tiles(x_PK, layout), _take_blocks(w, layout.block_expert))
+    return y.reshape(x_PK.shape[0], -1)
+  return _chunks_matmul(x_PK, w, _padded_sizes(layout), layout.block)
+
+
+def _swiglu_kernel(kind, x_PD, weights, layout):
+  if kind == 'ragged_dot':
+    return _swiglu_ragged(x_PD, *weights, layout.sizes)
+  if kind == 'chunks':
+    return _chunks_swiglu(x_PD, *weights, _padded_sizes(layout), layout.block)
+  x = _tiles(x_PD, layout)
+  if kind == 'batched':
+    y = _batched_swiglu(x, *weights, layout.block_expert)
+  else:
+    y = _blocks_swiglu(x, *weights, layout.block_expert, layout.num_used)
+  return y.reshape(x_PD.shape)
 
 
 def grouped_matmul_rows(x_NK: jax.Array, w_EKN: jax.Array, group_N: jax.Array, *,

@@ -163,11 +163,13 @@ def test_bad_mot_config_gives_one_clear_error(arg, message):
   assert message in str(e.value)
 
 
-@pytest.mark.parametrize('impl', ['blocks', 'ragged_dot', 'batched'])
-def test_grouped_rows_kernels_equal_a_per_row_reference(impl):
+@pytest.mark.parametrize('impl,E', [('blocks', 3), ('blocks', 10), ('ragged_dot', 3),
+                                     ('batched', 3)])
+def test_grouped_rows_kernels_equal_a_per_row_reference(impl, E):
+  """'blocks' with 3 groups runs as chunks, with 10 (> CHUNK_MAX_GROUPS) as the block loop."""
   from moe import grouped
   rng = np.random.default_rng(0)
-  N, K, F, E = 300, 8, 12, 3
+  N, K, F = 300, 8, 12
   x = jnp.asarray(rng.normal(size=(N, K)), jnp.float32)
   group = jnp.asarray(rng.integers(0, E + 1, N), jnp.int32)  # E = no group
   w = jnp.asarray(0.3 * rng.normal(size=(E, K, F)), jnp.float32)
@@ -186,8 +188,9 @@ def test_grouped_rows_kernels_equal_a_per_row_reference(impl):
         'nk,nkf->nf', x, row_w(wu))
     return jnp.einsum('nf,nfk->nk', h, row_w(wd))
 
-  mm = lambda x, w: grouped.grouped_matmul_rows(x, w, group, impl=impl, block=64)
-  sw = lambda x, *w: grouped.grouped_swiglu_rows(x, *w, group, impl=impl, block=64)
+  # block 16: each group spans several blocks, so chunks of several sizes are taken
+  mm = lambda x, w: grouped.grouped_matmul_rows(x, w, group, impl=impl, block=16)
+  sw = lambda x, *w: grouped.grouped_swiglu_rows(x, *w, group, impl=impl, block=16)
   for fn, ref, args in ((mm, ref_matmul, (x, w)), (sw, ref_swiglu, (x, wg, wu, wd))):
     np.testing.assert_allclose(np.asarray(fn(*args)), np.asarray(ref(*args)), rtol=1e-5,
                                atol=1e-5)
