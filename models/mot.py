@@ -101,23 +101,33 @@ def _weight(rngs, fan_in, shape, axes, untied, pdtype):
 
 
 def _per_shard(fn, in_names, out_names):
-  """fn(*arrays, collectives) per batch shard: shard_map over the mesh, or a plain call
-  without one (then no collectives). Names are logical axes (training/sharding.py)."""
-  if jax.sharding.get_abstract_mesh().empty:
-    return lambda *a: fn(*a, collectives=False)
-  spec = lambda names: sharding.logical_to_spec(names)
+  """fn(*arrays, collectives) per batch shard: `jax.shard_map` over the mesh axes of size
+  > 1 (`collectives`: their names; collectives over the others would be copies), or a plain
+  call when there are none (one device, or no mesh). Names are logical axes
+  (training/sharding.py)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  manual = frozenset() if mesh.empty else frozenset(
+      a for a, n in zip(mesh.axis_names, mesh.axis_sizes) if n > 1)
+  if not manual:
+    return lambda *a: fn(*a, collectives=manual)
+
+  def spec(names):  # the logical spec without the size-1 (automatic) axes
+    keep = lambda axes: tuple(x for x in axes if x in manual) or None
+    return jax.sharding.PartitionSpec(*(
+        keep((e,) if isinstance(e, str) else e) if e is not None else None
+        for e in sharding.logical_to_spec(names)))
   out = (tuple(spec(n) for n in out_names) if isinstance(out_names[0], tuple)
          else spec(out_names))
-  return jax.shard_map(lambda *a: fn(*a, collectives=True),
+  return jax.shard_map(lambda *a: fn(*a, collectives=manual), axis_names=manual,
                        in_specs=tuple(spec(n) for n in in_names), out_specs=out)
 
 
 def _gather_fsdp(w, axis, collectives):
-  return jax.lax.all_gather(w, 'fsdp', axis=axis, tiled=True) if collectives else w
+  return jax.lax.all_gather(w, 'fsdp', axis=axis, tiled=True) if 'fsdp' in collectives else w
 
 
 def _psum_tensor(y, collectives):
-  return jax.lax.psum(y, 'tensor') if collectives else y
+  return jax.lax.psum(y, 'tensor') if 'tensor' in collectives else y
 
 
 W_Q = ('modality', 'embed', 'heads', 'head_dim')
@@ -126,6 +136,7 @@ W_O = ('modality', 'heads', 'head_dim', 'embed')
 W_IN = ('modality', 'embed', 'mlp')
 W_OUT = ('modality', 'mlp', 'embed')
 X = ('batch', 'length', 'act_embed')
+STREAM = ('batch', 'act_embed')  # the residual stream in the rows layout (`stream_in`)
 MOD = ('batch', 'length')
 
 
@@ -237,20 +248,43 @@ class MoTBlock(nnx.Module):
       y = y + y_moe.astype(y.dtype)
     return constrain(y.astype(x_BTD.dtype), X), aux
 
-  def _sorted_block(self, x_BTD, sin_cos, modality):
-    """The whole block (no MoE) with the projections, norms and residual stream of each
-    shard in the modality-sorted kernel layout: one row layout per shard and call, rows
-    moved only around the global attention (x in, q/k/v out; o in, y out)."""
-    dt, pre, M = self.dtype, self.spec.norm == 'pre', self.spec.num_modalities
-    impl = self.spec.grouped_impl
+  def _layout_of(self, mod):
+    """Each shard's row layout (rows grouped by modality), from its [B, T] modality ids."""
+    return grouped.rows_layout(mod.reshape(-1), self.spec.num_modalities,
+                               impl=self.spec.grouped_impl, block=BLOCK)
+
+  def stream_in(self, x_BTD, modality):
+    """The residual stream as these blocks carry it: without a MoE, each shard's rows in
+    the modality-sorted layout (`[shards * P, D]`, P = the shard's padded rows), so the
+    rows move only around the global attention; with a MoE, x itself."""
+    if self.moe is not None:
+      return x_BTD
+
+    def place(x, mod, collectives):
+      del collectives
+      return grouped.to_layout(x.reshape(-1, x.shape[-1]), self._layout_of(mod))
+    return _per_shard(place, (X, MOD), STREAM)(x_BTD, modality)
+
+  def stream_out(self, x, modality):
+    """`stream_in` undone: [B, T, D] in the original order."""
+    if self.moe is not None:
+      return x
+
+    def back(xs, mod, collectives):
+      del collectives
+      return grouped.from_layout(xs, self._layout_of(mod)).reshape(*mod.shape, -1)
+    return _per_shard(back, (STREAM, MOD), X)(x, modality)
+
+  def _sorted_block(self, xs, sin_cos, modality):
+    """The whole block (no MoE) on the stream `xs` (each shard's rows in the modality-
+    sorted kernel layout, `stream_in`): projections, norms and residual adds all on the
+    sorted rows; rows move only around the global attention (q/k/v out, o in)."""
+    dt, pre = self.dtype, self.spec.norm == 'pre'
     eps_a, eps_f = self.attn_norm.eps, self.ffn_norm.eps
     untied = lambda w, n: w if w.ndim == n + 1 else w[None]  # tied: one group
     wq, wk, wv, wo = (untied(self._w(w), 3) for w in (self.wq, self.wk, self.wv, self.wo))
     wg, wu, wd = (untied(self._w(w), 2) for w in (self.w_gate, self.w_up, self.w_down))
     sa, sf = (untied(n.scale[...], 1) for n in (self.attn_norm, self.ffn_norm))
-
-    def layout_of(mod):
-      return grouped.rows_layout(mod.reshape(-1), M, impl=impl, block=BLOCK)
 
     def norm(x_PD, scale, eps, lay):  # Norm_m in the layout: one scale per block's group
       y = layers.rms_normalize(x_PD, eps)
@@ -262,10 +296,9 @@ class MoTBlock(nnx.Module):
         y = (y.reshape(P // lay.block, lay.block, D) * s[lay.block_expert][:, None]).reshape(P, D)
       return y.astype(x_PD.dtype)
 
-    def qkv_local(x, mod, sa, wq, wk, wv, collectives):
+    def qkv_local(xs, mod, sa, wq, wk, wv, collectives):
       wq, wk, wv = (_gather_fsdp(w, 1, collectives) for w in (wq, wk, wv))
-      lay = layout_of(mod)
-      xs = grouped.to_layout(x.reshape(-1, x.shape[-1]), lay)
+      lay = self._layout_of(mod)
       if pre:
         xs = norm(xs, sa, eps_a, lay)
       hq, hk = wq.shape[2], wk.shape[2]
@@ -277,16 +310,15 @@ class MoTBlock(nnx.Module):
     heads = ('batch', 'length', 'act_heads', None)
     kv = ('batch', 'length', 'act_kv_heads', None)
     s_names = ('modality', 'norm')
-    q, k, v = _per_shard(qkv_local, (X, MOD, s_names, W_Q, W_KV, W_KV), (heads, kv, kv))(
-        x_BTD, modality, sa, wq, wk, wv)
+    q, k, v = _per_shard(qkv_local, (STREAM, MOD, s_names, W_Q, W_KV, W_KV),
+                         (heads, kv, kv))(xs, modality, sa, wq, wk, wv)
     o = self._global_attention(q, k, v, sin_cos, modality)
 
-    def out_local(o, x, mod, sa, sf, wo, wg, wu, wd, collectives):
+    def out_local(o, xs, mod, sa, sf, wo, wg, wu, wd, collectives):
       wo = _gather_fsdp(wo, 3, collectives)
       wg, wu = _gather_fsdp(wg, 1, collectives), _gather_fsdp(wu, 1, collectives)
       wd = _gather_fsdp(wd, 2, collectives)
-      lay = layout_of(mod)
-      xs = grouped.to_layout(x.reshape(-1, x.shape[-1]), lay)
+      lay = self._layout_of(mod)
       os_ = grouped.to_layout(o.reshape(-1, o.shape[2] * o.shape[3]), lay)
       a = _psum_tensor(grouped.layout_matmul(os_, wo.reshape(wo.shape[0], -1, wo.shape[3]),
                                              lay), collectives)
@@ -294,17 +326,16 @@ class MoTBlock(nnx.Module):
                                    collectives)
       if pre:
         h = xs + a
-        y = h + ffn(norm(h, sf, eps_f, lay)).astype(h.dtype)
-      else:
-        h = xs + norm(a, sa, eps_a, lay)
-        y = h + norm(ffn(h).astype(h.dtype), sf, eps_f, lay)
-      return grouped.from_layout(y, lay).reshape(*mod.shape, -1)
+        return h + ffn(norm(h, sf, eps_f, lay)).astype(h.dtype)
+      h = xs + norm(a, sa, eps_a, lay)
+      return h + norm(ffn(h).astype(h.dtype), sf, eps_f, lay)
 
-    y = _per_shard(out_local, (heads, X, MOD, s_names, s_names, W_O, W_IN, W_IN, W_OUT), X)(
-        o, x_BTD, modality, sa, sf, wo, wg, wu, wd)
-    return constrain(y, X), {}
+    y = _per_shard(out_local, (heads, STREAM, MOD, s_names, s_names, W_O, W_IN, W_IN, W_OUT),
+                   STREAM)(o, xs, modality, sa, sf, wo, wg, wu, wd)
+    return constrain(y, STREAM), {}
 
   def __call__(self, x_BTD, sin_cos, rng=None, *, modality, causal=False):
+    """x: the residual stream, as `stream_in` returns it (the rows layout without a MoE)."""
     del causal  # no batch-dependent routing besides the MoE's token choice
     if self.moe is None:
       return self._sorted_block(x_BTD, sin_cos, modality)

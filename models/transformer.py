@@ -102,6 +102,9 @@ class Decoder(nnx.Module):
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     sin_cos = layers.rope_tables(positions, self.spec.head_dim, self.spec.rope_theta)
     x = self.embed(tokens)
+    mot = self.spec.mot is not None  # MoT blocks carry the stream in their rows layout
+    if mot:
+      x = self.blocks[0].stream_in(x, modality)
     aux = {}
     call = lambda b, x, sc, r, m: b(x, sc, r, modality=m, causal=causal)
     if self.spec.remat:
@@ -110,6 +113,8 @@ class Decoder(nnx.Module):
       block_rng = None if rng is None else jax.random.fold_in(rng, i)
       x, block_aux = call(block, x, sin_cos, block_rng, modality)
       aux.update({f'layer_{i}/{k}': v for k, v in block_aux.items()})
+    if mot:
+      x = self.blocks[0].stream_out(x, modality)
     x = self.final_norm(x)
     dtype = dtype_of(self.spec.dtype)
     B, T, D = x.shape

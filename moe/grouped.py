@@ -402,7 +402,10 @@ def rows_layout(group_N: jax.Array, num_groups: int, *, impl: str = 'auto',
   # and gather on CPU), and the out-of-range ones are dropped / read as 0.
   dest = jnp.where(in_group, (padded_ends - padded)[jnp.minimum(group_N, E - 1)] + rank,
                    num_blocks * block + jnp.arange(N))
-  block_expert = jnp.searchsorted(padded_ends, jnp.arange(num_blocks) * block, side='right')
+  # each block's group: how many groups end at or before its start (searchsorted, written
+  # as a [num_blocks, E] count: jnp.searchsorted fails inside a partly manual shard_map)
+  block_start = jnp.arange(num_blocks) * block
+  block_expert = jnp.sum(padded_ends[None, :] <= block_start[:, None], axis=1)
   num_used = jnp.sum(block_expert < E)
   P = num_blocks * block
   src = (_zeros((P,), jnp.int32, dest) + N).at[dest].set(
