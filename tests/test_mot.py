@@ -102,6 +102,28 @@ def test_a_modality_absent_from_the_batch_gets_exactly_zero_gradients(arg):
       assert np.any(g[0] != 0), name
 
 
+def test_every_grouped_kernel_gives_the_same_model():
+  """The MoT decoder with 'batched' (GPU) and 'ragged_dot' (TPU) kernels computes the
+  logits and gradients of the CPU default ('blocks', run as chunks)."""
+  import dataclasses
+  from models import transformer
+  c = mot_tiny('tiny,qk_norm=1')
+  spec = state_lib.model_spec(c)
+  params = nnx.state(transformer.Decoder(spec, rngs=nnx.Rngs(0)), nnx.Param)
+  batch = batch_of(c)
+  results = []
+  for impl in ('blocks', 'batched', 'ragged_dot'):
+    model = transformer.Decoder(dataclasses.replace(
+        spec, mot=dataclasses.replace(spec.mot, grouped_impl=impl)), rngs=nnx.Rngs(1))
+    nnx.update(model, params)
+    graphdef, p = nnx.split(model)
+    loss = lambda p: jnp.mean(jnp.sin(nnx.merge(graphdef, p)(batch)[0]))  # noqa: E731
+    results.append(jax.value_and_grad(loss)(p))
+  for other in results[1:]:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 other, results[0])
+
+
 @pytest.mark.parametrize('untie, expected', [
     ('ffn', {'w_gate', 'w_up', 'w_down'}),
     ('ffn,attn', {'w_gate', 'w_up', 'w_down', 'wq', 'wk', 'wv', 'wo'}),
