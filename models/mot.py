@@ -11,15 +11,21 @@ slice. Attention stays ONE global causal attention over the mixed sequence:
     y = h + Norm_m(FFN_m(h))           FFN_m = grouped SwiGLU over the sorted rows
 
 No router, no aux loss, no dropped tokens. The grouped matmuls (moe/grouped.py:
-`ragged_dot` on TPU, padded blocks on GPU and CPU) keep the FLOPs per token at the dense
-model's; placing the rows and gathering them back are one scatter and one gather.
+`ragged_dot` on TPU, padded blocks on GPU, a few chunk GEMMs per modality on CPU) keep the
+FLOPs per token at the dense model's. Without a MoE the residual stream itself stays in
+that modality-sorted row layout from the first block to the last (`stream_in` /
+`stream_out`, called by the Decoder): per layer, rows move only around the global
+attention (q/k/v gathered to the original order, o gathered back), and both directions
+are gathers.
 
 Parallelism: the untied projections run per batch shard inside `jax.shard_map` (each device
 sorts only its own rows, so data parallelism is kept), with Megatron-style collectives for
 the weights: all_gather over 'fsdp' of the embed axis, column-parallel Q/K/V and gate/up
-over 'tensor' (heads / mlp), row-parallel O and down with a psum over 'tensor'. Tied parts
-are plain matmuls under jit's automatic sharding, as in models/layers.py. The 'modality'
-axis of the weights is replicated (every device holds tokens of every modality).
+over 'tensor' (heads / mlp), row-parallel O and down with a psum over 'tensor'. The
+shard_map is manual only over the mesh axes of size > 1 (a collective over a size-1 axis is
+still a copy). Tied parts with a MoE are plain matmuls under jit's automatic sharding, as
+in models/layers.py. The 'modality' axis of the weights is replicated (every device holds
+tokens of every modality).
 
 `untie` picks the untied parts (the paper's ablation): 'ffn', 'attn' (Q, K, V, O and the
 optional QK-norm scales), 'norm' (the sub-layer norms); tied parts are ordinary weights.
@@ -42,9 +48,9 @@ from training import sharding
 from training.sharding import constrain
 
 UNTIE = ('ffn', 'attn', 'norm')
-# Rows per block of the CPU grouped kernel: with M (small) groups the padding is under
-# M * BLOCK rows per shard. With the block's rows kept in the layout (_sorted_block),
-# 256 beat 512 and 1024 at tiny's D = 128 (benchmarks/train_step.py, docs/mot.md).
+# Rows per block of the grouped layout: with M (small) groups the padding is under
+# M * BLOCK rows per shard. On CPU 256 beat 128 and 512 at tiny's D = 128
+# (benchmarks/train_step.py, docs/mot.md).
 BLOCK = 256
 NORMS = ('res_post', 'pre')
 

@@ -210,15 +210,15 @@ def test_grouped_rows_kernels_equal_a_per_row_reference(impl, E):
         'nk,nkf->nf', x, row_w(wu))
     return jnp.einsum('nf,nfk->nk', h, row_w(wd))
 
-  # block 16: each group spans several blocks, so chunks of several sizes are taken
-  mm = lambda x, w: grouped.grouped_matmul_rows(x, w, group, impl=impl, block=16)
-  sw = lambda x, *w: grouped.grouped_swiglu_rows(x, *w, group, impl=impl, block=16)
+  # block 32: each of 3 groups spans 2-3 blocks, so chunks of several sizes are taken
+  mm = lambda x, w: grouped.grouped_matmul_rows(x, w, group, impl=impl, block=32)
+  sw = lambda x, *w: grouped.grouped_swiglu_rows(x, *w, group, impl=impl, block=32)
   for fn, ref, args in ((mm, ref_matmul, (x, w)), (sw, ref_swiglu, (x, wg, wu, wd))):
-    np.testing.assert_allclose(np.asarray(fn(*args)), np.asarray(ref(*args)), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(jax.jit(fn)(*args)), np.asarray(ref(*args)),
+                               rtol=1e-5, atol=1e-5)
     loss = lambda f: (lambda *a: jnp.sum(jnp.sin(f(*a))))
     argnums = tuple(range(len(args)))
-    got = jax.grad(loss(fn), argnums)(*args)
+    got = jax.jit(jax.grad(loss(fn), argnums))(*args)
     want = jax.grad(loss(ref), argnums)(*args)
     for g, r in zip(got, want):
       np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
