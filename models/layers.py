@@ -69,7 +69,7 @@ def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float):
   freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angles = positions_BT[..., None].astype(jnp.float32) * freqs  # [B, T, K/2]
   # The barrier keeps the tables materialised: otherwise XLA fuses sin/cos into every
-  # consumer and recomputes them per layer, head and pass (~5% of a tiny CPU train step).
+  # consumer and recomputes them per layer, head and pass (~3% of the tiny MoT CPU step).
   return jax.lax.optimization_barrier((jnp.sin(angles)[:, :, None, :],
                                        jnp.cos(angles)[:, :, None, :]))
 
