@@ -244,8 +244,8 @@ def grouped_swiglu(x_ND: jax.Array, w_gate_EDF: jax.Array, w_up_EDF: jax.Array,
 
 
 # ---------------------------------------------------------------------------
-# Chunks ('blocks' with few groups, MoT's modalities): group e's padded rows, a multiple of
-# `block`, are cut by the binary digits of their block count into at most
+# Chunks ('blocks' for the row calls: every matmul, SwiGLU up to CHUNK_MAX_GROUPS groups):
+# group e's padded rows, a multiple of `block`, are cut by the binary digits of their block count into at most
 # log2(P / block) + 1 contiguous chunks, each ONE matmul under a `lax.cond` (static sizes,
 # dynamic offsets). Dense-sized GEMMs instead of a loop of block-sized ones, and no dynamic
 # slicing of the weights.
@@ -373,11 +373,14 @@ class RowsLayout(NamedTuple):
   block: int
   impl: str  # resolved kernel: 'ragged_dot' | 'blocks' | 'batched'
 
+  def padded_sizes(self) -> jax.Array:
+    """[E] slots per group: its rows rounded up to a multiple of `block`."""
+    return -(-self.sizes // self.block) * self.block
+
   def single_group(self) -> 'RowsLayout':
     """The same slots as one group (a tied weight over every row of the layout): its size
     is the groups' padded total, so it spans their padding too."""
-    padded = -(-self.sizes // self.block) * self.block
-    return self._replace(sizes=jnp.sum(padded, keepdims=True),
+    return self._replace(sizes=jnp.sum(self.padded_sizes(), keepdims=True),
                          block_expert=jnp.zeros_like(self.block_expert))
 
 
@@ -447,17 +450,13 @@ def from_layout(y_PK: jax.Array, layout: RowsLayout) -> jax.Array:
   return _gather_rows(y_PK, layout.dest, layout.src)
 
 
-
 def _layout_call(kernel, x_PK, weights, layout):
   if weights[0].shape[0] == 1 and layout.sizes.shape[0] > 1:
     layout = layout.single_group()
   if layout.impl == 'ragged_dot':
     return kernel('ragged_dot', x_PK, weights, layout)
   x_PK, *weights = _common_type(x_PK, *weights)
-  kind = layout.impl
-  if kind == 'blocks' and layout.sizes.shape[0] <= CHUNK_MAX_GROUPS:
-    kind = 'chunks'
-  return kernel(kind, x_PK, weights, layout)
+  return kernel(layout.impl, x_PK, weights, layout)
 
 
 def layout_matmul(x_PK: jax.Array, w_EKN: jax.Array, layout: RowsLayout) -> jax.Array:
@@ -479,10 +478,6 @@ def _rows_call(kernel, x_NK, weights, group_N, impl, block):
   return from_layout(_layout_call(kernel, to_layout(x_NK, layout), weights, layout), layout)
 
 
-def _padded_sizes(layout):
-  return -(-layout.sizes // layout.block) * layout.block
-
-
 def _tiles(x_PK, layout):
   return x_PK.reshape(layout.num_blocks, layout.block, x_PK.shape[1])
 
@@ -496,14 +491,14 @@ def _matmul_kernel(kind, x_PK, weights, layout):
   if kind == 'batched':
     y = jnp.einsum('nbk,nkm->nbm', _tiles(x_PK, layout), _take_blocks(w, layout.block_expert))
     return y.reshape(x_PK.shape[0], -1)
-  return _chunks_matmul(x_PK, w, _padded_sizes(layout), layout.block)
+  return _chunks_matmul(x_PK, w, layout.padded_sizes(), layout.block)  # 'blocks'
 
 
 def _swiglu_kernel(kind, x_PD, weights, layout):
   if kind == 'ragged_dot':
     return _swiglu_ragged(x_PD, *weights, layout.sizes)
-  if kind == 'chunks':
-    return _chunks_swiglu(x_PD, *weights, _padded_sizes(layout), layout.block)
+  if kind == 'blocks' and len(layout.sizes) <= CHUNK_MAX_GROUPS:
+    return _chunks_swiglu(x_PD, *weights, layout.padded_sizes(), layout.block)
   x = _tiles(x_PD, layout)
   if kind == 'batched':
     y = _batched_swiglu(x, *weights, layout.block_expert)
