@@ -1,30 +1,36 @@
 """One shared vocabulary for early-fusion text + image sequences (pure numpy).
 
-Vocabulary (VOCAB_SIZE = 384; ids 0..327 are used, the rest is padding so the
-embedding table is a multiple of 128):
+Vocabulary (`vocab_size(codebook)`: 384 for 'rgb64', 512 for 'palette'; ids past the
+last image code are padding so the embedding table is a multiple of 128):
 
   0..4      PAD, BOS, EOS, BOI (begin of image), EOI (end of image); 5..7 reserved
   8..263    text: byte b -> TEXT_OFFSET + b (utf-8, byte level, no merges)
-  264..327  image: code c -> IMAGE_OFFSET + c, c in [0, NUM_IMAGE_CODES)
+  264..     image: code c -> IMAGE_OFFSET + c, c in [0, num_image_codes(codebook))
 
-Image tokens come from a FIXED patch codebook, no learned VQ model:
+Image tokens come from a FIXED patch codebook (`data.codebook`), no learned VQ model.
+The image (uint8 HxWx3; grayscale HxW or HxWx1 is replicated to RGB) is resized with PIL
+(bilinear) to image_size x image_size if it is not already, then cut into patch_size x
+patch_size patches in raster order (grid = image_size // patch_size per side, grid**2
+tokens). Each patch becomes one code:
 
-  1. the image (uint8 HxWx3; grayscale HxW or HxWx1 is replicated to RGB) is
-     resized with PIL (bilinear) to image_size x image_size if it is not already;
-  2. it is cut into patch_size x patch_size patches in raster order
-     (grid = image_size // patch_size patches per side, grid**2 tokens);
-  3. each patch's mean RGB is quantised to 2 bits per channel,
-     level = floor(mean / 255 * 3 + 0.5) in {0, 1, 2, 3} (round half up),
-     and code = r * 16 + g * 4 + b in [0, 64).
+  'rgb64'    the patch's mean RGB quantised to 2 bits per channel, level =
+             floor(mean / 255 * 3 + 0.5) in {0..3} (round half up), code = r*16 + g*4 + b
+             in [0, 64). Colour and coverage mix: a patch half covered by a bright colour
+             reads as a darker colour.
+  'palette'  shape and colour apart (mm_scenes): a pixel is ON if its largest channel is
+             >= 64; the patch's four quadrants (q0 top left = bit 1, q1 top right = 2,
+             q2 bottom left = 4, q3 bottom right = 8) are ON if at least half their pixels
+             are; code = 0 if no quadrant is ON, else 16 * colour + mask, colour the index
+             in PALETTE nearest (RGB distance) to the mean of the patch's ON pixels.
+             192 codes; patch_size must be even.
 
-`decode_image` inverts the quantisation coarsely (level -> level * 85) for
-visualisation. Sequences are assembled as
+`decode_image` inverts a codebook coarsely for visualisation. Sequences are assembled as
 
   [BOS] text [BOI] image [EOI] [EOS]     (text first)
   [BOS] [BOI] image [EOI] text [EOS]     (image first)
 
 with either part possibly absent. Specials, BOI/EOI included, count as TEXT
-modality; only ids in [IMAGE_OFFSET, IMAGE_OFFSET + NUM_IMAGE_CODES) are IMAGE.
+modality; ids in [IMAGE_OFFSET, IMAGE_OFFSET + MAX_IMAGE_CODES) are IMAGE.
 """
 
 from typing import Optional
@@ -35,8 +41,21 @@ from PIL import Image
 PAD, BOS, EOS, BOI, EOI = 0, 1, 2, 3, 4  # specials (ids 5..7 reserved)
 TEXT_OFFSET = 8  # byte b -> token 8 + b (ids 8..263)
 IMAGE_OFFSET = 264  # image code c -> 264 + c
-NUM_IMAGE_CODES = 64  # 4 levels per RGB channel
-VOCAB_SIZE = 384  # 328 used, padded to a multiple of 128
+NUM_IMAGE_CODES = 64  # 'rgb64' (the default codebook): 4 levels per RGB channel
+VOCAB_SIZE = 384  # 'rgb64': 328 used, padded to a multiple of 128
+CODEBOOKS = ('rgb64', 'palette')
+_NUM_CODES = {'rgb64': NUM_IMAGE_CODES, 'palette': 192}
+MAX_IMAGE_CODES = max(_NUM_CODES.values())
+_VOCAB = {'rgb64': VOCAB_SIZE, 'palette': 512}  # 456 used
+# The 'palette' codebook's colours (mm_scenes draws with exactly these).
+PALETTE = {
+    'red': (255, 0, 0), 'green': (0, 255, 0), 'blue': (0, 0, 255),
+    'yellow': (255, 255, 0), 'magenta': (255, 0, 255), 'cyan': (0, 255, 255),
+    'white': (255, 255, 255), 'orange': (255, 128, 0), 'purple': (128, 0, 255),
+    'pink': (255, 128, 192), 'brown': (128, 64, 0), 'gray': (128, 128, 128),
+}
+_PALETTE_RGB = np.array(list(PALETTE.values()), np.float64)
+ON_LEVEL = 64  # 'palette': a pixel is ON if its largest channel is at least this
 MODALITIES = ('text', 'image')
 TEXT, IMAGE = 0, 1
 
@@ -82,6 +101,22 @@ def _as_rgb(img) -> np.ndarray:
   return img
 
 
+def check_codebook(codebook: str) -> None:
+  if codebook not in CODEBOOKS:
+    raise ValueError(f'data.codebook={codebook!r} is not one of {CODEBOOKS}')
+
+
+def num_image_codes(codebook: str) -> int:
+  check_codebook(codebook)
+  return _NUM_CODES[codebook]
+
+
+def vocab_size(codebook: str) -> int:
+  """The smallest model.vocab_size that holds every token of `codebook`."""
+  check_codebook(codebook)
+  return _VOCAB[codebook]
+
+
 def quantise_rgb(mean_rgb) -> np.ndarray:
   """Mean RGB values in [0, 255] (..., 3) -> codes in [0, 64) (int32)."""
   mean_rgb = np.asarray(mean_rgb, dtype=np.float64)
@@ -90,7 +125,8 @@ def quantise_rgb(mean_rgb) -> np.ndarray:
   return levels[..., 0] * LEVELS**2 + levels[..., 1] * LEVELS + levels[..., 2]
 
 
-def encode_image(img, image_size: int, patch_size: int) -> np.ndarray:
+def encode_image(img, image_size: int, patch_size: int,
+                 codebook: str = 'rgb64') -> np.ndarray:
   """uint8 image -> int32 [(image_size // patch_size)**2] ids (with offset)."""
   if image_size % patch_size:
     raise ValueError(f'image_size={image_size} not divisible by {patch_size=}')
@@ -99,22 +135,58 @@ def encode_image(img, image_size: int, patch_size: int) -> np.ndarray:
     pil = Image.fromarray(img).resize((image_size, image_size),
                                       Image.Resampling.BILINEAR)
     img = np.asarray(pil)
-  g = image_size // patch_size
-  patches = img.reshape(g, patch_size, g, patch_size, 3).astype(np.float64)
-  means = patches.mean(axis=(1, 3))  # [g, g, 3], raster order below
-  return quantise_rgb(means).reshape(-1).astype(np.int32) + IMAGE_OFFSET
+  return encode_images(img[None], patch_size, codebook)[0] + IMAGE_OFFSET
 
 
-def decode_image(tokens, grid: int, patch_size: int = 1) -> np.ndarray:
+def encode_images(imgs, patch_size: int, codebook: str = 'rgb64') -> np.ndarray:
+  """uint8 [N, S, S, 3] images of a size divisible by patch_size -> int32 CODES
+  [N, (S // patch_size)**2] (no offset, no resizing): `encode_image` for many at once."""
+  check_codebook(codebook)
+  imgs = np.asarray(imgs)
+  n, size = imgs.shape[0], imgs.shape[1]
+  g, p = size // patch_size, patch_size
+  patches = imgs.reshape(n, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5)  # [N, g, g, p, p, 3]
+  if codebook == 'rgb64':
+    means = patches.astype(np.float64).mean(axis=(3, 4))
+    return quantise_rgb(means).reshape(n, -1).astype(np.int32)
+  if p % 2:
+    raise ValueError(f"the 'palette' codebook needs an even patch_size, got {p}")
+  on = patches.max(axis=-1) >= ON_LEVEL  # [N, g, g, p, p]
+  h = p // 2
+  quads = on.reshape(n, g, g, 2, h, 2, h).sum(axis=(4, 6))  # [N, g, g, 2, 2]
+  bits = (2 * quads >= h * h).reshape(n, g, g, 4)
+  mask = (bits * np.array([1, 2, 4, 8])).sum(-1)
+  count = on.sum(axis=(3, 4))
+  mean = (patches * on[..., None]).sum(axis=(3, 4)) / np.maximum(count, 1)[..., None]
+  dist = ((mean[..., None, :] - _PALETTE_RGB) ** 2).sum(-1)  # [N, g, g, colours]
+  colour = dist.argmin(-1)
+  return np.where(mask > 0, 16 * colour + mask, 0).reshape(n, -1).astype(np.int32)
+
+
+def decode_image(tokens, grid: int, patch_size: int = 1,
+                 codebook: str = 'rgb64') -> np.ndarray:
   """Image ids -> coarse uint8 [grid * patch_size, grid * patch_size, 3].
 
   Non-image ids in `tokens` are ignored; the first grid**2 image ids are used,
-  and missing ones (e.g. a truncated sample) are drawn black (code 0).
+  and missing ones (e.g. a truncated sample) are drawn black (code 0). 'palette'
+  draws each ON quadrant in its colour (patch_size even; 1 draws the colour alone).
   """
   t = np.asarray(tokens).reshape(-1)
-  codes = t[(t >= IMAGE_OFFSET) & (t < IMAGE_OFFSET + NUM_IMAGE_CODES)]
+  codes = t[(t >= IMAGE_OFFSET) & (t < IMAGE_OFFSET + num_image_codes(codebook))]
   codes = codes[:grid * grid] - IMAGE_OFFSET
   codes = np.pad(codes, (0, grid * grid - len(codes)))
+  if codebook == 'palette':
+    rgb = _PALETTE_RGB[codes // 16].astype(np.uint8)
+    bits = (codes[:, None] >> np.arange(4)) & 1  # [g*g, 4]
+    if patch_size == 1:
+      img = np.where(bits.any(-1, keepdims=True), rgb, 0).reshape(grid, grid, 3)
+      return img.astype(np.uint8)
+    h = patch_size // 2
+    quad = bits.reshape(grid, grid, 2, 2)
+    img = np.repeat(np.repeat(quad, h, axis=2), h, axis=3)  # [g, g, p, p]
+    img = img[..., None] * rgb.reshape(grid, grid, 1, 1, 3)
+    return img.transpose(0, 2, 1, 3, 4).reshape(grid * patch_size, grid * patch_size,
+                                                3).astype(np.uint8)
   levels = np.stack(
       [codes // LEVELS**2, (codes // LEVELS) % LEVELS, codes % LEVELS], -1)
   img = (levels * LEVEL_SCALE).astype(np.uint8).reshape(grid, grid, 3)
@@ -124,7 +196,7 @@ def decode_image(tokens, grid: int, patch_size: int = 1) -> np.ndarray:
 def modality_of(tokens) -> np.ndarray:
   """IMAGE (1) for image ids, TEXT (0) for everything else, same shape."""
   t = np.asarray(tokens)
-  is_image = (t >= IMAGE_OFFSET) & (t < IMAGE_OFFSET + NUM_IMAGE_CODES)
+  is_image = (t >= IMAGE_OFFSET) & (t < IMAGE_OFFSET + MAX_IMAGE_CODES)
   return np.where(is_image, IMAGE, TEXT).astype(np.int32)
 
 

@@ -93,6 +93,25 @@ def test_vocabulary_and_text_round_trip():
   assert tok.decode_text(mixed) == s
 
 
+def test_palette_codebook_codes_colour_and_covered_quadrants():
+  for codebook, codes, vocab in (('rgb64', 64, 384), ('palette', 192, 512)):
+    assert tok.num_image_codes(codebook) == codes and tok.vocab_size(codebook) == vocab
+    assert tok.IMAGE_OFFSET + codes <= vocab and vocab % 128 == 0
+  img = np.zeros((8, 8, 3), np.uint8)
+  img[2:6, 0:3] = tok.PALETTE['orange']  # patch 0: bottom quadrants; patch 2: top ones
+  img[0:2, 4:8] = (250, 120, 10)  # near orange: the nearest palette colour counts
+  img[5, 5] = tok.PALETTE['blue']  # one pixel of a 2 x 2 quadrant: under half, not ON
+  orange = list(tok.PALETTE).index('orange')
+  codes = tok.encode_image(img, 8, 4, 'palette') - tok.IMAGE_OFFSET
+  np.testing.assert_array_equal(codes, [16 * orange + 4 + 8, 16 * orange + 1 + 2,
+                                        16 * orange + 1 + 2, 0])
+  assert (tok.modality_of(codes + tok.IMAGE_OFFSET) == tok.IMAGE).all()
+  with pytest.raises(ValueError, match='even patch_size'):
+    tok.encode_image(np.zeros((9, 9, 3), np.uint8), 9, 3, 'palette')
+  with pytest.raises(ValueError, match='is not one of'):
+    tok.encode_image(img, 8, 4, 'vq')
+
+
 @pytest.mark.parametrize('pixel, code', [
     ((255, 0, 0), 48), ((0, 255, 0), 12), ((0, 0, 255), 3), ((0, 0, 0), 0),
     ((255, 255, 255), 63), ((255, 170, 0), 56), ((128, 128, 128), 42),
