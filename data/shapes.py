@@ -5,33 +5,46 @@ shape (10% of the time two, at non-adjacent positions) and a caption that
 describes it, e.g. "a large red circle at the top left".
 
   kinds      square, circle, triangle, diamond, plus, ring
-  colours    red, green, blue, yellow, magenta, cyan, white, orange; all
-             distinct under the 2-bit-per-channel codebook of `tokenizer`
+  colours    red, green, blue, yellow, magenta, cyan, white, orange: distinct as
+             full-patch colours under the 'rgb64' codebook of `tokenizer`
   sizes      small (8 px), large (14 px)
   positions  3x3 grid (top left ... bottom right), centres at 8/16/24 px,
              jittered by -1, 0 or +1 px per axis
 
-Kind, colour, size and position determine the coarse (8x8 patch) image up to
-the jitter, so image tokens are predictable from the caption and captions
-from the image. Example i of a split comes from np.random.default_rng((s, i))
+Kind, colour, size and position determine the coarse (4x4 px patch) image up to the jitter,
+and the tokens tell size and position apart always, but not always kind or colour: a patch
+code is a mean colour, so a patch a shape covers partly reads as a darker colour. Of the
+one-shape renderings (every kind, colour, size, position and jitter), 16.6% have exactly the
+tokens of a rendering of another kind or colour: 32.6% of small shapes (small diamond vs
+plus, circle vs ring, diamond vs ring, ...; and yellow vs orange for thin small shapes),
+0.5% of large ones (tests/test_floor.py counts them). The exact floor (`FloorModel`,
+data/floor.py) accounts for every such ambiguity.
+
+Example i of a split comes from np.random.default_rng((s, i))
 with s = 0 for train and 1 for test (disjoint streams), and records are stored
 in generation order (no TFDS shuffling), so record i is `generate_example(
 split, i)`. Besides `image`, `caption` and `label` (the first shape's kind),
 records carry ClassLabels `color`, `size`, `position` of the first shape and
-`num_shapes`, which tests use to check that captions determine images.
+`num_shapes`. The longest sequence ([BOS] caption [BOI] 64 codes [EOI] [EOS], two shapes)
+has 172 tokens; configs/common.py gives tiny and small a seq_len that holds it.
 
 `prepare(data_dir)` writes train (20k) and test (1k) as array_record in a few
 seconds; it is idempotent and guarded by a file lock.
 """
 
+import dataclasses
 import fcntl
 import io
+import itertools
 import os
 
 from etils import epath
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
+
+from data import floor
+from data import tokenizer as tok
 
 IMAGE_SIZE = 32
 KINDS = ('square', 'circle', 'triangle', 'diamond', 'plus', 'ring')
@@ -85,51 +98,199 @@ def shape_mask(kind: str, cy: float, cx: float, h: float) -> np.ndarray:
   raise ValueError(f'unknown shape kind {kind!r}')
 
 
-def _describe(template, kind, color, size, pos):
-  return template.format(kind=kind, color=color, size=size,
-                         pos=POSITIONS[pos])
+@dataclasses.dataclass(frozen=True)
+class ShapesSpec:
+  """What the generator draws from. The default is the dataset; tests shrink it to enumerate
+  every sequence (data/floor.py)."""
+  kinds: tuple[str, ...] = KINDS
+  colors: tuple[str, ...] = tuple(COLORS)
+  sizes: tuple[str, ...] = tuple(SIZES)
+  jitter: int = JITTER
+  two_shape_prob: float = TWO_SHAPE_PROB
+  templates: tuple[str, ...] = TEMPLATES
 
 
-def generate_example(split: str, index: int) -> dict:
+SPEC = ShapesSpec()
+
+
+def far_positions(pos: int) -> list[int]:
+  """Where a second shape may go: at least two grid steps from `pos` (none from the
+  centre), so the two shapes' pixels never share a patch."""
+  row, col = divmod(pos, 3)
+  return [p for p in range(len(POSITIONS))
+          if max(abs(p // 3 - row), abs(p % 3 - col)) >= 2]
+
+
+def draw_scene(ch, spec: ShapesSpec = SPEC):
+  """-> (objects [(kind, colour, size, pos)], jitters [(jy, jx)], template index), drawn
+  through the chooser `ch` (data/floor.py: a Sampler, or every path for the floor tests)."""
+  def draw_attrs(pos):
+    return (ch.integers(len(spec.kinds)), ch.integers(len(spec.colors)),
+            ch.integers(len(spec.sizes)), pos)
+
+  objects = [draw_attrs(ch.integers(len(POSITIONS)))]
+  far = far_positions(objects[0][3])
+  if far and ch.coin(spec.two_shape_prob):
+    objects.append(draw_attrs(far[ch.integers(len(far))]))
+  jitters = [ch.integers_vec(-spec.jitter, spec.jitter + 1, 2) for _ in objects]
+  return objects, jitters, ch.integers(len(spec.templates))
+
+
+def object_mask(kind: str, size: str, pos: int, jitter) -> np.ndarray:
+  jy, jx = jitter
+  return shape_mask(kind, CELL_CENTERS[pos // 3] + jy, CELL_CENTERS[pos % 3] + jx,
+                    SIZES[size])
+
+
+def render(objects, jitters, spec: ShapesSpec = SPEC) -> np.ndarray:
+  image = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+  for (kind, color, size, pos), jitter in zip(objects, jitters):
+    mask = object_mask(spec.kinds[kind], spec.sizes[size], pos, jitter)
+    image[mask] = COLORS[spec.colors[color]]
+  return image
+
+
+def describe(template: str, obj, spec: ShapesSpec = SPEC) -> str:
+  kind, color, size, pos = obj
+  return template.format(kind=spec.kinds[kind], color=spec.colors[color],
+                         size=spec.sizes[size], pos=POSITIONS[pos])
+
+
+def caption_of(objects, template: int, spec: ShapesSpec = SPEC) -> str:
+  caption = describe(spec.templates[template], objects[0], spec)
+  if len(objects) > 1:
+    caption += describe(SECOND, objects[1], spec)
+  return caption
+
+
+def generate_example(split: str, index: int, spec: ShapesSpec = SPEC) -> dict:
   """Example `index` of `split`: image (uint8 [32,32,3]), caption, labels."""
   rng = np.random.default_rng((SPLITS[split][1], index))
-  color_names, size_names = list(COLORS), list(SIZES)
-
-  def draw_attrs(pos):
-    return (int(rng.integers(len(KINDS))), int(rng.integers(len(COLORS))),
-            int(rng.integers(len(SIZES))), pos)
-
-  objects = [draw_attrs(int(rng.integers(len(POSITIONS))))]
-  row, col = divmod(objects[0][3], 3)
-  far = [p for p in range(len(POSITIONS))
-         if max(abs(p // 3 - row), abs(p % 3 - col)) >= 2]
-  if far and rng.random() < TWO_SHAPE_PROB:
-    objects.append(draw_attrs(far[int(rng.integers(len(far)))]))
-
-  image = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-  for kind, color, size, pos in objects:
-    jy, jx = rng.integers(-JITTER, JITTER + 1, size=2)
-    cy = CELL_CENTERS[pos // 3] + jy
-    cx = CELL_CENTERS[pos % 3] + jx
-    mask = shape_mask(KINDS[kind], cy, cx, SIZES[size_names[size]])
-    image[mask] = COLORS[color_names[color]]
-
-  template = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
-  names = [(KINDS[k], color_names[c], size_names[s], p)
-           for k, c, s, p in objects]
-  caption = _describe(template, *names[0])
-  if len(names) > 1:
-    caption += _describe(SECOND, *names[1])
+  objects, jitters, template = draw_scene(floor.Sampler(rng), spec)
   kind, color, size, pos = objects[0]
   return {
-      'image': image,
-      'caption': caption,
+      'image': render(objects, jitters, spec),
+      'caption': caption_of(objects, template, spec),
       'label': kind,
       'color': color,
       'size': size,
       'position': pos,
       'num_shapes': np.int32(len(objects)),
   }
+
+
+class FloorModel:
+  """mm_shapes as data/floor.py needs it: the caption process and the image hypotheses,
+  for `spec` tokenised at `patch_size` with `codebook` (32 x 32 images, no resizing)."""
+
+  def __init__(self, spec: ShapesSpec, patch_size: int, codebook: str):
+    self.spec = spec
+    self.num_patches = (IMAGE_SIZE // patch_size) ** 2
+    sizes = (len(spec.kinds), len(spec.colors), len(spec.sizes))
+    self.attrs = list(itertools.product(*map(range, sizes)))  # (kind, colour, size)
+    self.regions, self.tables = zip(*[self._slot_table(pos, patch_size, codebook)
+                                      for pos in range(9)])
+    for pos in range(9):
+      for q in far_positions(pos):  # two shapes never share a patch (floor.image_masses)
+        assert not np.intersect1d(self.regions[pos], self.regions[q]).size
+    self.objects = [a + (pos,) for pos in range(9) for a in self.attrs]  # first shape
+    self.first = [floor.TextOptions([describe(t, o, spec).encode() for o in self.objects])
+                  for t in spec.templates]
+    self.second = [floor.TextOptions([describe(SECOND, a + (q,), spec).encode()
+                                      for a in self.attrs]) for q in range(9)]
+    self._prior: list[floor.Hypothesis] = []
+    self.positions: list[list[int]] = []
+
+  def _slot_table(self, pos, patch_size, codebook):
+    """-> (region, renderings) of one shape at `pos`: every kind, colour, size, jitter."""
+    spec, j = self.spec, range(-self.spec.jitter, self.spec.jitter + 1)
+    rows = list(itertools.product(range(len(spec.kinds)), range(len(spec.colors)),
+                                  range(len(spec.sizes)), j, j))
+    masks = np.stack([object_mask(spec.kinds[k], spec.sizes[s], pos, (jy, jx))
+                      for k, _, s, jy, jx in rows])
+    rgb = np.array([COLORS[spec.colors[c]] for _, c, _, _, _ in rows], np.uint8)
+    codes = tok.encode_images(masks[..., None] * rgb[:, None, None, :], patch_size, codebook)
+    g = IMAGE_SIZE // patch_size
+    touched = masks.reshape(len(rows), g, patch_size, g, patch_size).any(axis=(0, 2, 4))
+    region = np.nonzero(touched.reshape(-1))[0]
+    attrs = np.array(rows)
+    return region, floor.Renderings(
+        codes[:, region], np.full(len(rows), 1.0 / len(rows)),
+        {'kind': attrs[:, 0], 'color': attrs[:, 1], 'size': attrs[:, 2]})
+
+  def caption_prior(self, ch):
+    """The caption written left to right: template, first shape, whether a second one."""
+    spec = self.spec
+    t = ch.pick(_uniform(len(spec.templates)))
+    first = self.objects[ch.pick(_uniform(len(self.objects)), self.first[t])]
+    chosen = [first]
+    far = far_positions(first[3])
+    p2 = spec.two_shape_prob if far else 0.0
+    if ch.pick([1.0 - p2, p2]):
+      q = far[ch.pick(_uniform(len(far)))]
+      chosen.append(self.attrs[ch.pick(_uniform(len(self.attrs)), self.second[q])] + (q,))
+    ch.end()
+    return chosen
+
+  def image_given_caption(self, completions) -> list[floor.Hypothesis]:
+    out = []
+    for p, objects in completions:
+      slots = []
+      for k, c, s, pos in objects:
+        table = self.tables[pos].where(kind=k, color=c, size=s)
+        slots.append((self.regions[pos], table, table.probs))
+      out.append((p, slots))
+    return out
+
+  def image_prior(self) -> list[floor.Hypothesis]:
+    """Which shapes are where, (weight, slots) each; `self.positions` says where."""
+    if not self._prior:
+      p2 = self.spec.two_shape_prob
+      for pos in range(9):
+        far = far_positions(pos)
+        for weight, where in [((1 - (p2 if far else 0.0)) / 9, [pos])] + [
+            (p2 / 9 / len(far), [pos, q]) for q in far]:
+          self._prior.append((weight, [(self.regions[i], self.tables[i], self.tables[i].probs)
+                                       for i in where]))
+          self.positions.append(where)
+    return self._prior
+
+  def _attr_posterior(self, table: floor.Renderings, rows: np.ndarray) -> np.ndarray:
+    """Row weights -> posterior over self.attrs (kind, colour, size)."""
+    index = np.ravel_multi_index((table.attrs['kind'], table.attrs['color'],
+                                  table.attrs['size']),
+                                 (len(self.spec.kinds), len(self.spec.colors),
+                                  len(self.spec.sizes)))
+    w = np.bincount(index, weights=rows, minlength=len(self.attrs))
+    return w / w.sum()
+
+  def caption_given_image(self, posterior):
+    """The caption process given the whole image: `floor.image_masses`' posterior over
+    which shapes are where (aligned with `image_prior()`), then the caption's choices."""
+    spec, hyps = self.spec, []
+    for (weight, rows), (_, slots), where in zip(posterior, self.image_prior(),
+                                                 self.positions):
+      if weight > 0:
+        hyps.append((weight, where, [self._attr_posterior(table, r)
+                                     for (_, table, _), r in zip(slots, rows)]))
+    weights = np.array([w for w, _, _ in hyps])
+    n = len(self.attrs)
+
+    def process(ch):
+      t = ch.pick(_uniform(len(spec.templates)))
+      _, where, attrs = hyps[ch.pick(weights / weights.sum())]
+      probs = np.zeros(len(self.objects))
+      probs[where[0] * n:(where[0] + 1) * n] = attrs[0]
+      ch.pick(probs, self.first[t])
+      if len(where) > 1:
+        ch.pick(attrs[1], self.second[where[1]])
+      ch.end()
+
+    return process
+
+
+def _uniform(n: int) -> np.ndarray:
+  return np.full(n, 1.0 / n)
 
 
 def _png(image: np.ndarray) -> bytes:
