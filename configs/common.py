@@ -8,23 +8,49 @@ from __future__ import annotations
 
 import ml_collections
 
-from data import tokenizer
+from data import scenes, tokenizer
 
 # The size table. Dense shapes follow the MoMa paper's 90M / 435M / 1.4B models (l/d/F/h)
 # so replications compare like with like; `tiny` trains in minutes on 2 CPU cores.
-# Per size: model shape + default batch, length, steps and peak learning rate. tiny/small fit
-# the embedded dataset's ~110-token sequences; base/1b are meant for longer user datasets
-# (`--config.data.tfds_name=...`) on GPUs/TPUs.
+# Per size: model shape + default batch, length, steps and peak learning rate. tiny/small
+# (seq_len None) take the embedded dataset's longest sequence (DATASETS); base/1b are meant
+# for longer user datasets (`--config.data.tfds_name=...`) on GPUs/TPUs.
 SIZES = {
     'tiny':  dict(num_layers=4, embed_dim=128, num_heads=4, num_kv_heads=4, mlp_dim=512,
-                  batch_size=32, seq_len=128, total_steps=300, learning_rate=3e-3),
+                  batch_size=32, seq_len=None, total_steps=300, learning_rate=3e-3),
     'small': dict(num_layers=8, embed_dim=512, num_heads=8, num_kv_heads=8, mlp_dim=2048,
-                  batch_size=256, seq_len=128, total_steps=20_000, learning_rate=1e-3),
+                  batch_size=256, seq_len=None, total_steps=20_000, learning_rate=1e-3),
     'base':  dict(num_layers=24, embed_dim=1024, num_heads=16, num_kv_heads=16, mlp_dim=4096,
                   batch_size=256, seq_len=2048, total_steps=100_000, learning_rate=3e-4),
     '1b':    dict(num_layers=24, embed_dim=2048, num_heads=16, num_kv_heads=16, mlp_dim=8192,
                   batch_size=512, seq_len=4096, total_steps=250_000, learning_rate=1e-4),
 }
+
+# The embedded datasets (`data=NAME` in every decoder family's config arg): their data block
+# and the length of their longest sequence, which tiny/small take as seq_len (rounded up to a
+# multiple of 16), so no sequence is cut. mm_shapes: 54 + 50 caption bytes, 64 image tokens,
+# 4 specials (tests/test_data.py checks it); mm_scenes: data/scenes.max_sequence_length.
+DATASETS = {
+    'shapes': dict(tfds_name='mm_shapes', image_size=32, patch_size=4, codebook='rgb64',
+                   label_key='label'),
+    'scenes': dict(tfds_name='mm_scenes', patch_size=4, codebook='palette', label_key=''),
+}
+SHAPES_MAX_LEN = 172
+
+
+def dataset(name: str) -> tuple[dict, int]:
+  """'shapes' | 'scenes' | 'scenes/g3_k128' -> (data config values, longest sequence)."""
+  base, _, variant = name.partition('/')
+  if base not in DATASETS or (variant and base != 'scenes'):
+    raise ValueError(f'data={name!r}: one of {sorted(DATASETS)}, or scenes/g<G>_k<K>')
+  values = dict(DATASETS[base])
+  if base == 'shapes':
+    return values, SHAPES_MAX_LEN
+  values['tfds_name'] = scenes.NAME + (f'/{variant}' if variant else '')
+  spec = scenes.parse_name(values['tfds_name'])
+  values['image_size'] = spec.image_size
+  return values, scenes.max_sequence_length(spec)
+
 
 # Sizes only big accelerators should run: their default mesh is FSDP over every device and
 # their compute dtype bfloat16.
@@ -32,10 +58,11 @@ ACCELERATOR_SIZES = ('base', '1b')
 
 
 def parse_arg(arg: str, *, allowed: dict[str, object] | None = None,
-              list_keys: tuple[str, ...] = ()):
-  """"small,mod=1,groups=4t4i" -> ("small", {"mod": "1", "groups": "4t4i"}).
+              list_keys: tuple[str, ...] = (), data: bool = True):
+  """"small,mod=1,groups=4t4i" -> ("small", {"mod": "1", "groups": "4t4i", "data": "shapes"}).
 
   `allowed` maps each variant key a family accepts to its default; unknown keys raise.
+  `data`: the family also takes `data=NAME`, the embedded dataset (DATASETS; default shapes).
   Values of `list_keys` may hold commas: "tiny,untie=ffn,attn" -> {"untie": "ffn,attn"}
   (a part without '=' continues the list value before it).
   """
@@ -46,6 +73,8 @@ def parse_arg(arg: str, *, allowed: dict[str, object] | None = None,
   if size not in SIZES:
     raise ValueError(f'unknown size {size!r} in config arg {arg!r}; sizes: {sorted(SIZES)}')
   allowed = dict(allowed or {})
+  if data:
+    allowed.setdefault('data', 'shapes')
   last = None
   for p in parts[1:]:
     key, eq, value = p.partition('=')
@@ -62,16 +91,19 @@ def parse_arg(arg: str, *, allowed: dict[str, object] | None = None,
   return size, {**allowed, **variants}
 
 
-def base_config(size: str) -> ml_collections.ConfigDict:
-  """Keys every family shares, filled in for `size` from the size table."""
+def base_config(size: str, data: str = 'shapes') -> ml_collections.ConfigDict:
+  """Keys every family shares, filled in for `size` from the size table and for the embedded
+  dataset `data` (DATASETS)."""
   s = SIZES[size]
   big = size in ACCELERATOR_SIZES
+  data_values, max_len = dataset(data)
   c = ml_collections.ConfigDict()
   c.size = size
 
   c.model = ml_collections.ConfigDict()
   c.model.family = 'dense'
-  c.model.vocab_size = tokenizer.VOCAB_SIZE  # bytes + specials + image codes, padded
+  # bytes + specials + image codes, padded
+  c.model.vocab_size = tokenizer.vocab_size(data_values['codebook'])
   c.model.num_layers = s['num_layers']
   c.model.embed_dim = s['embed_dim']
   c.model.num_heads = s['num_heads']
@@ -84,7 +116,7 @@ def base_config(size: str) -> ml_collections.ConfigDict:
 
   c.total_steps = s['total_steps']
   c.batch_size = s['batch_size']  # global, in sequences
-  c.seq_len = s['seq_len']
+  c.seq_len = s['seq_len'] or -(-(max_len - 1) // 16) * 16  # targets: length - 1
   c.seed = 0
   c.learning_rate = s['learning_rate']  # peak
   c.warmup_steps = max(1, s['total_steps'] // 20)
@@ -117,7 +149,9 @@ def base_config(size: str) -> ml_collections.ConfigDict:
   c.data.label_key = 'label'
   c.data.image_size = 32
   c.data.patch_size = 4
+  c.data.codebook = 'rgb64'  # image tokens (data/tokenizer.py): rgb64 | palette
   c.data.order = 'both'  # both | text_first | image_first
+  c.data.update(data_values)
   c.data.num_workers = 0
 
   c.eval = ml_collections.ConfigDict()

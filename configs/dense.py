@@ -7,13 +7,16 @@ Expect eval.json with text and image loss well below their unigram losses (see R
 
 Args: a size from configs/common.py SIZES: tiny | small | base | 1b. Larger sizes are for
 GPUs/TPUs: they default to FSDP over all devices, bfloat16 compute and rematerialisation.
+Then optionally:
+  data=shapes     the embedded dataset: shapes (mm_shapes) | scenes | scenes/g3_k128 (mm_scenes)
+e.g. `configs/dense.py:tiny,data=scenes`.
 """
 
 from configs import common
 
 
 def get_config(arg: str = 'tiny'):
-  size, _ = common.parse_arg(arg)
-  c = common.base_config(size)
+  size, v = common.parse_arg(arg)
+  c = common.base_config(size, v['data'])
   c.model.family = 'dense'
   return c

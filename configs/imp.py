@@ -40,7 +40,7 @@ def _task(kind, image_size, batch_size, weight, interval, text_len=0, head=''):
 
 
 def get_config(arg: str = 'tiny'):
-  size, v = common.parse_arg(arg, allowed=VARIANTS)
+  size, v = common.parse_arg(arg, allowed=VARIANTS, data=False)
   c = common.base_config(size)
   c.model.family = 'imp'
   if size == 'tiny':

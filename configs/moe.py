@@ -10,7 +10,9 @@ Expert parallelism on 8 devices (same losses as 1 device; see tests/test_moe_lay
 
 Args: a size from configs/common.py SIZES, then variants:
   experts=8   k=2   router=topk_softmax|topk_sigmoid|batch_prioritized|expert_choice|
-  expert_choice_sigmoid   dispatch=dropless|capacity (default: dropless for token choice)   every=2 (a MoE FFN every N layers)
+  expert_choice_sigmoid   dispatch=dropless|capacity (default: dropless for token choice)
+  every=2 (a MoE FFN every N layers)
+  data=shapes     the embedded dataset: shapes (mm_shapes) | scenes | scenes/g3_k128 (mm_scenes)
 e.g. `configs/moe.py:tiny,router=expert_choice,dispatch=capacity`.
 """
 
@@ -25,7 +27,7 @@ VARIANTS = {'experts': '8', 'k': '2', 'router': 'topk_softmax',
 
 def get_config(arg: str = 'tiny'):
   size, v = common.parse_arg(arg, allowed=VARIANTS)
-  c = common.base_config(size)
+  c = common.base_config(size, v['data'])
   c.model.family = 'moe'
   expert_choice = v['router'].startswith('expert_choice')
   c.model.moe = ml_collections.ConfigDict(dict(

@@ -18,6 +18,7 @@ Args: a size from configs/common.py SIZES, then variants:
   stage=main|aux  aux: train the auxiliary routers of the model in WORKDIR
   upcycle_from=DIR  start from DIR's latest checkpoint (a dense or 1t1i run): each
                   modality's FFN copied into its experts, fresh schedule, DIR's data position
+  data=shapes     the embedded dataset: shapes (mm_shapes) | scenes | scenes/g3_k128 (mm_scenes)
 e.g. `configs/moma.py:tiny,groups=1t1i`, `configs/moma.py:tiny,groups=4t4i,mod=1`.
 """
 
@@ -38,7 +39,7 @@ AUX_STAGE = {'tiny': dict(total_steps=150, learning_rate=3e-3, warmup_steps=10),
 
 def get_config(arg: str = 'tiny'):
   size, v = common.parse_arg(arg, allowed=VARIANTS)
-  c = common.base_config(size)
+  c = common.base_config(size, v['data'])
   c.model.family = 'moma'
   c.model.moma = ml_collections.ConfigDict(dict(
       groups=v['groups'],  # experts per modality

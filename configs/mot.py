@@ -13,6 +13,7 @@ Args: a size from configs/common.py SIZES, then variants:
   norm=res_post|pre
   moe=             a modality whose FFN is a MoE from moe/ (e.g. `moe=text`: the paper's
                   MoT + text MoE-4x: 4 experts, top-1 token choice, dropless)
+  data=shapes     the embedded dataset: shapes (mm_shapes) | scenes | scenes/g3_k128 (mm_scenes)
 e.g. `configs/mot.py:tiny,untie=ffn,attn`, `configs/mot.py:tiny,moe=text`.
 """
 
@@ -25,7 +26,7 @@ VARIANTS = {'untie': 'all', 'qk_norm': '0', 'norm': 'res_post', 'moe': ''}
 
 def get_config(arg: str = 'tiny'):
   size, v = common.parse_arg(arg, allowed=VARIANTS, list_keys=('untie',))
-  c = common.base_config(size)
+  c = common.base_config(size, v['data'])
   c.model.family = 'mot'
   untie = {'all': 'ffn,attn,norm', 'none': ''}.get(v['untie'], v['untie'])
   c.model.mot = ml_collections.ConfigDict(dict(

@@ -10,12 +10,18 @@ Train: all records -> global shuffle, reshuffled each epoch -> repeat forever
 Everything is a function of (seed, position in the stream), so `get_state()` is just that position and a
 restored iterator yields exactly the batches the uninterrupted one would.
 
+Generated datasets (`mm_scenes`, data/scenes.py) are read the same way, except that
+their train split is a stream of fresh examples read in order (no shuffle, no epochs).
+
 Eval: the first num_examples records (all by default) in order, the same
 per-process slicing, order chosen by record index parity for 'both'; the last
 batch is filled with all-PAD rows (loss_mask 0) and every process yields the
-same number of batches.
+same number of batches. With `with_floor` (the embedded datasets only: `floor_model`),
+each example also holds `floor` [seq_len]: every target's exact Bayes-optimal loss
+(data/floor.py), 0 on padding.
 """
 
+import functools
 import math
 import os
 import re
@@ -26,6 +32,8 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from data import floor
+from data import scenes
 from data import shapes
 from data import tokenizer as tok
 
@@ -68,6 +76,34 @@ def _check_config(cfg) -> None:
     raise ValueError(f'data.order={cfg.order!r} is not one of {ORDERS}')
   if not isinstance(cfg.num_workers, int) or cfg.num_workers < 0:
     raise ValueError(f'data.num_workers={cfg.num_workers} must be an int >= 0')
+  tok.check_codebook(codebook(cfg))
+  if codebook(cfg) == 'palette' and patch % 2:
+    raise ValueError(f"data.codebook='palette' needs an even data.patch_size, got {patch}")
+
+
+def codebook(cfg) -> str:
+  """data.codebook ('rgb64' for configs written before it existed)."""
+  return cfg.get('codebook', 'rgb64')
+
+
+def _is_scenes(cfg) -> bool:
+  return cfg.tfds_name.split('/')[0] == scenes.NAME
+
+
+def _scenes_source(cfg, split: str):
+  """mm_scenes: generated on the fly, no files; its keys checked like a TFDS dataset's."""
+  spec = scenes.parse_name(cfg.tfds_name)
+  for role, key, want in (('text_key', cfg.text_key, 'caption'),
+                          ('image_key', cfg.image_key, 'image')):
+    if key not in ('', want):
+      raise ValueError(f"data.{role}={key!r} is not a feature of {cfg.tfds_name!r}; "
+                       f"features: ['caption', 'image']")
+  if not cfg.text_key and cfg.label_key:
+    raise ValueError(f'data.label_key={cfg.label_key!r}: {cfg.tfds_name!r} has no labels; '
+                     "set data.label_key=''")
+  if split not in scenes.SPLITS:
+    raise ValueError(f'split {split!r} of {cfg.tfds_name!r}: splits: {list(scenes.SPLITS)}')
+  return scenes.Source(spec, split), None
 
 
 def _is_text(f) -> bool:
@@ -120,6 +156,8 @@ def _builder(cfg, data_dir: str) -> tfds.core.DatasetBuilder:
 def class_names(cfg) -> Optional[list[str]]:
   """The names of cfg.label_key's classes (a tfds ClassLabel), or None without one."""
   _check_config(cfg)
+  if _is_scenes(cfg):
+    return None
   features = _builder(cfg, resolve_data_dir(cfg.data_dir)).info.features
   label = features[cfg.label_key] if cfg.label_key and cfg.label_key in features else None
   return list(label.names) if isinstance(label, tfds.features.ClassLabel) else None
@@ -129,6 +167,8 @@ def data_source(cfg, split_key: str) -> tuple[Any, Optional[list[str]]]:
   """Validates cfg; returns (source of cfg[split_key], label names)."""
   _check_config(cfg)
   split = cfg[split_key]
+  if _is_scenes(cfg):
+    return _scenes_source(cfg, split)
   data_dir = resolve_data_dir(cfg.data_dir)
   builder = _builder(cfg, data_dir)
   label_names = _check_features(cfg, builder.info.features)
@@ -172,12 +212,16 @@ class _Encoder:
     self.text_key, self.image_key = cfg.text_key, cfg.image_key
     self.label_key, self.label_names = cfg.label_key, label_names
     self.image_size, self.patch_size = cfg.image_size, cfg.patch_size
+    self.codebook = codebook(cfg)
     self.order, self.seq_len = cfg.order, seq_len
 
   def image_first(self, coin: bool) -> bool:
     return coin if self.order == 'both' else self.order == 'image_first'
 
   def __call__(self, record, image_first: bool) -> dict[str, np.ndarray]:
+    return tok.to_example(self.sequence(record, image_first), self.seq_len)
+
+  def sequence(self, record, image_first: bool) -> np.ndarray:
     text = image = None
     if self.text_key:
       text = tok.encode_bytes(_text_bytes(record[self.text_key], self.seq_len))
@@ -185,9 +229,8 @@ class _Encoder:
       text = tok.encode_text(self.label_names[int(record[self.label_key])])
     if self.image_key:
       image = tok.encode_image(record[self.image_key], self.image_size,
-                               self.patch_size)
-    return tok.to_example(tok.build_sequence(text, image, image_first),
-                          self.seq_len)
+                               self.patch_size, self.codebook)
+    return tok.build_sequence(text, image, image_first)
 
 
 class _TrainMap(grain.transforms.RandomMap):
@@ -201,16 +244,25 @@ class _TrainMap(grain.transforms.RandomMap):
 
 
 class _EvalMap(grain.transforms.Map):
-  """(record index, record or None) -> example, or an all-PAD row."""
+  """(record index, record or None) -> example, or an all-PAD row; with a floor model
+  (`floor_model`) the example also holds `floor`."""
 
-  def __init__(self, encoder: _Encoder):
-    self.encoder = encoder
+  def __init__(self, encoder: _Encoder, floor_cfg=None):
+    self.encoder, self.floor_cfg = encoder, floor_cfg
 
   def map(self, element):
     index, record = element
+    seq_len = self.encoder.seq_len
     if record is None:
-      return tok.pad_example(self.encoder.seq_len)
-    return self.encoder(record, self.encoder.image_first(index % 2 == 1))
+      example = tok.pad_example(seq_len)
+      seq = None
+    else:
+      seq = self.encoder.sequence(record, self.encoder.image_first(index % 2 == 1))
+      example = tok.to_example(seq, seq_len)
+    if self.floor_cfg is not None:
+      example['floor'] = (np.zeros(seq_len, np.float32) if seq is None else
+                          floor.floor_of_example(seq, seq_len, *floor_model(self.floor_cfg)))
+    return example
 
 
 class _PaddedSlice:
@@ -289,7 +341,8 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, seq_len: int,
   ds = grain.MapDataset.source(source).seed(seed)
   if not len(ds):
     raise ValueError(f'split {data_cfg.train_split!r} has no records')
-  ds = ds.shuffle().repeat(None)
+  if not _is_scenes(data_cfg):  # a generated stream is fresh examples already
+    ds = ds.shuffle().repeat(None)
   ds = ds.random_map(_TrainMap(_Encoder(data_cfg, seq_len, label_names)))
   batch = global_batch_size // process_count
   if process_count > 1:
@@ -297,18 +350,54 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, seq_len: int,
   return iter(finish(ds, batch, data_cfg.num_workers))
 
 
+def floor_support(cfg) -> Optional[str]:
+  """None if `floor_model(cfg)` exists, else why not (one line for eval.json)."""
+  name = cfg.tfds_name
+  if name != shapes.MmShapes.name and not _is_scenes(cfg):
+    return f'{name!r} is not an embedded dataset: its floor is unknown'
+  if not (cfg.text_key and cfg.image_key):
+    return 'the floor is computed for caption + image sequences only'
+  native = (shapes.IMAGE_SIZE if name == shapes.MmShapes.name
+            else scenes.parse_name(name).image_size)
+  if cfg.image_size != native:
+    return (f'data.image_size={cfg.image_size} resizes the {native} px images: the floor '
+            'is computed at their own size only')
+  if _is_scenes(cfg) and scenes.CELL_PX % cfg.patch_size:
+    return f'data.patch_size={cfg.patch_size} does not divide the {scenes.CELL_PX} px cells'
+  return None
+
+
+def floor_model(cfg) -> tuple[object, float]:
+  """(the dataset's floor model for this tokenisation, P(image first)) (data/floor.py)."""
+  reason = floor_support(cfg)
+  if reason:
+    raise ValueError(f'no exact floor: {reason}')
+  p_image_first = {'both': 0.5, 'text_first': 0.0, 'image_first': 1.0}[cfg.order]
+  return _floor_model(cfg.tfds_name, cfg.patch_size, codebook(cfg)), p_image_first
+
+
+@functools.cache
+def _floor_model(name: str, patch_size: int, codebook_name: str):
+  if name == shapes.MmShapes.name:
+    return shapes.FloorModel(shapes.SPEC, patch_size, codebook_name)
+  return scenes.FloorModel(scenes.parse_name(name), patch_size, codebook_name)
+
+
 def make_eval_iterator(data_cfg: ml_collections.ConfigDict, *, seq_len: int,
                        batch_size: int, num_examples: Optional[int] = None,
-                       process_index: int = 0, process_count: int = 1):
+                       process_index: int = 0, process_count: int = 1,
+                       with_floor: bool = False):
   """Finite, re-iterable batches over the eval split in a fixed order.
 
   batch_size is global, like make_train_iterator's: each process yields
   [batch_size // process_count, seq_len] batches. Covers the first
   num_examples records (all if None), record i on process i % process_count.
   Rows past the end are all PAD with loss_mask 0, and all processes yield the
-  same number of batches.
+  same number of batches. `with_floor`: examples hold `floor` (requires floor_support).
   """
   check_process(batch_size, process_index, process_count)
+  if with_floor and floor_support(data_cfg):
+    raise ValueError(f'no exact floor: {floor_support(data_cfg)}')
   source, label_names = data_source(data_cfg, 'eval_split')
   n = len(source) if num_examples is None else min(num_examples, len(source))
   local_batch = batch_size // process_count
@@ -316,5 +405,6 @@ def make_eval_iterator(data_cfg: ml_collections.ConfigDict, *, seq_len: int,
   padded = _PaddedSlice(source, process_index, process_count, n,
                         num_batches * local_batch)
   ds = grain.MapDataset.source(padded)
-  ds = ds.map(_EvalMap(_Encoder(data_cfg, seq_len, label_names)))
+  ds = ds.map(_EvalMap(_Encoder(data_cfg, seq_len, label_names),
+                       data_cfg if with_floor else None))
   return finish(ds, local_batch, data_cfg.num_workers)

@@ -51,9 +51,12 @@ def validate(config, num_devices: int) -> tuple[int, ...]:
     if config[key] not in DTYPES:
       raise ValueError(f'config.{key}={config[key]!r} is not one of {DTYPES}')
   m = config.model
-  if m.vocab_size < tokenizer.VOCAB_SIZE:
+  codebook = config.data.get('codebook', 'rgb64')
+  tokenizer.check_codebook(codebook)
+  if m.vocab_size < tokenizer.vocab_size(codebook):
     raise ValueError(f'config.model.vocab_size={m.vocab_size} is smaller than the tokenizer '
-                     f'vocabulary ({tokenizer.VOCAB_SIZE})')
+                     f'vocabulary of data.codebook={codebook!r} '
+                     f'({tokenizer.vocab_size(codebook)})')
   if m.family not in FAMILIES:
     raise ValueError(f'config.model.family={m.family!r} is not one of {FAMILIES}')
   if m.num_heads * m.head_dim != m.embed_dim:
