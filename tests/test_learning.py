@@ -1,5 +1,6 @@
-"""Each model family learns the embedded dataset: a short run on shrunk tiny configs gets
-both modalities' eval loss below their unigram loss (what ignoring context achieves)."""
+"""Each model family learns the embedded datasets: a short run on shrunk tiny configs gets
+both modalities' eval loss below their unigram loss (what ignoring context achieves), and
+stays above the exact floor (data/floor.py) by more than its standard error."""
 
 import pytest
 
@@ -24,8 +25,22 @@ def test_short_run_beats_unigram_on_both_modalities(family, data_dir, tmp_path):
   report = evaluate.evaluate(config, str(tmp_path))
   for name, mod in report['modalities'].items():
     assert mod['loss'] < 0.8 * mod['unigram_loss'], (name, mod)
+    assert mod['excess'] > 3 * mod['excess_stderr'] > 0, (name, mod)
   if family == 'moe':
     layers = report['routing']['layers']
     assert [l['layer'] for l in layers] == [1]  # every=2 with 2 layers: layer 1 is MoE
     assert len(layers[0]['expert_load']) == 8
     assert abs(sum(layers[0]['expert_load']) - 1) < 1e-5
+
+
+def test_dense_learns_scenes_above_its_floor(tmp_path):
+  config = tiny_config(base=dense.get_config('tiny,data=scenes'), **{
+      'seq_len': 224, 'batch_size': 16, 'total_steps': 80, 'warmup_steps': 8,
+      'checkpoint_every': 80, 'log_every': 40})
+  loop.train(config, str(tmp_path))
+  report = evaluate.evaluate(config, str(tmp_path))
+  for name, mod in report['modalities'].items():
+    assert mod['loss'] < mod['unigram_loss'], (name, mod)  # images take longer here
+    assert mod['excess'] > 3 * mod['excess_stderr'] > 0, (name, mod)
+    for order in ('text_first', 'image_first'):
+      assert mod['by_order'][order]['excess'] > 0, (name, order, mod)

@@ -19,6 +19,15 @@ the eval split; `unigram_loss` is the entropy of those same target tokens under 
 unigram distribution on the eval split: the loss of the best context-free predictor, so a
 model below it has learnt to use context. `accuracy` is top-1 next-token accuracy.
 
+On the embedded datasets (mm_shapes, mm_scenes) each modality also has `floor`, the mean
+exact Bayes-optimal loss of the same tokens (data/floor.py, docs/floor.md: the lowest loss
+any model can reach), `excess` = loss - floor with `excess_stderr` (clustered by sequence),
+and `by_order`: {"text_first": {"loss", "floor", "excess", "excess_stderr", "tokens"},
+"image_first": {...}} for caption-first and image-first sequences. A loss below its floor by
+more than FLOOR_SE standard errors can only mean the model sees what it must not (e.g. the
+next token): eval.json lists it under `floor_violations` and eval fails. Other datasets get
+`floor_note` instead, saying why there is no floor.
+
 `routing` (models with MoE or MoMa layers): each layer's router metrics averaged over the
 eval batches; `expert_load[j]` = share of the layer's token-expert pairs routed to expert j.
 MoMa layers also give `load[m][e]`: the fraction of modality m's tokens (every position,
@@ -43,6 +52,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 
 import jax
@@ -56,6 +66,12 @@ from training import warm_start
 from training.validate import validate
 
 CAUSAL_KEYS = ('load', 'mod_selected_fraction')  # per-layer metrics reported for causal too
+ORDERS = ('text_first', 'image_first')  # training/step.floor_stats' order axis
+FLOOR_SE = 3.0  # a loss this many standard errors below its floor is an error
+
+
+class FloorViolation(ValueError):
+  """A loss below the exact floor: the model saw what it must not."""
 
 
 def unigram_entropy(counts: np.ndarray) -> float:
@@ -154,6 +170,43 @@ def load_aux_params(workdir: str, main_params, main_step: int, mesh):
   return params, aux_step, None
 
 
+def excess_entry(sums: dict[str, np.ndarray], index) -> dict:
+  """Loss, floor, excess and its standard error from training/step.floor_stats sums over
+  the tokens sums[k][index] selects (a modality, or a modality and an order). The stderr
+  treats sequences as the independent units: R = sum d / sum n over sequences, var(R) ~
+  sum_b (d_b - R n_b)^2 / N^2 * rows / (rows - 1), N the token count."""
+  get = lambda k: float(np.sum(sums[k][index]))  # noqa: E731
+  n, rows = get('count'), get('rows')
+  loss, floor_ = get('loss_sum') / n, get('floor_sum') / n
+  r = loss - floor_
+  spread = max(get('d2') - 2 * r * get('dn') + r * r * get('n2'), 0.0)
+  stderr = math.sqrt(spread / n ** 2 * rows / (rows - 1)) if rows > 1 else float('nan')
+  return {'loss': loss, 'floor': floor_, 'excess': r, 'excess_stderr': stderr,
+          'tokens': int(n)}
+
+
+def floor_report(sums: dict[str, np.ndarray], names) -> tuple[dict, list[str]]:
+  """-> ({modality: {'floor', 'excess', 'excess_stderr', 'by_order': {...}}}, violations)."""
+  report, violations = {}, []
+  for i, name in enumerate(names):
+    if sums['count'][i].sum() == 0:
+      continue
+    whole = excess_entry(sums, i)
+    entry = report[name] = {k: whole[k] for k in ('floor', 'excess', 'excess_stderr')}
+    entry['by_order'] = {}
+    for o, order in enumerate(ORDERS):
+      if sums['count'][i, o] > 0:
+        entry['by_order'][order] = excess_entry(sums, (i, o))
+    for where, e in [(name, whole)] + [(f'{name}/{order}', e)
+                                       for order, e in entry['by_order'].items()]:
+      if e['excess'] < -FLOOR_SE * (e['excess_stderr'] if e['excess_stderr'] > 0 else 0):
+        violations.append(
+            f'{where}: loss {e["loss"]:.4f} is below the exact floor {e["floor"]:.4f} by '
+            f'{-e["excess"]:.4f} nats/token (> {FLOOR_SE:g} standard errors of '
+            f'{e["excess_stderr"]:.4f}): the model sees what it must not (e.g. the next token)')
+  return report, violations
+
+
 class _Totals:
   """Per-modality sums and per-layer routing metrics of one pass over the eval split."""
 
@@ -164,7 +217,7 @@ class _Totals:
 
   def add(self, stats, aux) -> None:
     for k, v in stats.items():
-      self.sums[k] += v
+      self.sums[k] = self.sums.get(k, 0) + np.asarray(v, np.float64)
     for k, v in aux.items():
       self.routing[k] = self.routing.get(k, 0) + np.asarray(v, np.float64)
     self.batches += 1
@@ -223,11 +276,12 @@ def evaluate(config, workdir: str) -> dict:
   causal = _Totals(len(names)) if aux_params is not None else None
   unigram = np.zeros((len(names), config.model.vocab_size))
   examples = config.eval.num_examples or None
+  floor_note = pipeline.floor_support(config.data)
   with jax.set_mesh(mesh):
     for batch in pipeline.make_eval_iterator(
         config.data, seq_len=config.seq_len, batch_size=config.eval.batch_size,
         num_examples=examples, process_index=jax.process_index(),
-        process_count=jax.process_count()):
+        process_count=jax.process_count(), with_floor=floor_note is None):
       device_batch = sharding.shard_batch(batch, batch_sh)
       totals.add(*jax.device_get(eval_fn(state['params'], device_batch)))
       if causal is not None:
@@ -255,6 +309,19 @@ def evaluate(config, workdir: str) -> dict:
     if causal is not None:
       entry['causal_loss'] = float(causal.sums['loss_sum'][i] / n)
       entry['causal_accuracy'] = float(causal.sums['correct'][i] / n)
+  violations = []
+  if floor_note is None:
+    floors, violations = floor_report(
+        {k.removeprefix('floor/'): v for k, v in totals.sums.items()
+         if k.startswith('floor/')}, names)
+    for name, entry in report['modalities'].items():
+      entry.update(floors[name])
+      if 'causal_loss' in entry:
+        entry['causal_excess'] = entry['causal_loss'] - entry['floor']
+    if violations:
+      report['floor_violations'] = violations
+  else:
+    report['floor_note'] = floor_note
   if aux_step is not None:
     report['aux_step'] = int(aux_step)
   if note:
@@ -268,4 +335,6 @@ def evaluate(config, workdir: str) -> dict:
     plots.plot_loss_curves(workdir, names, report)
     if moma is not None:
       plots.plot_routing_load(workdir, report)
+  if violations:
+    raise FloorViolation('; '.join(violations))
   return report

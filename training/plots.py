@@ -11,7 +11,8 @@ from training.metrics import read_metrics
 
 
 def plot_loss_curves(workdir: str, modality_names, report: dict | None = None) -> str:
-  """WORKDIR/loss_curves.png: train loss per modality vs step, eval unigram as dashed."""
+  """WORKDIR/loss_curves.png: train loss per modality vs step, eval unigram as dashed and
+  the exact floor (embedded datasets) as dotted."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -28,6 +29,9 @@ def plot_loss_curves(workdir: str, modality_names, report: dict | None = None) -
       if mod:
         ax.axhline(mod['unigram_loss'], ls='--', color=color, alpha=0.6,
                    label=f'{name} unigram (eval)')
+        if 'floor' in mod:
+          ax.axhline(mod['floor'], ls=':', color=color, alpha=0.8,
+                     label=f'{name} floor (eval)')
         ax.plot([report['step']], [mod['loss']], 'o', color=color,
                 label=f'{name} (eval)')
   ax.set_xlabel('step')

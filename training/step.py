@@ -17,19 +17,50 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from data import tokenizer
+
+
+def _nll(logits_BTV, targets_BT):
+  logz = jax.nn.logsumexp(logits_BTV, axis=-1)
+  return logz - jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+
+
+def _weights(batch, num_modalities: int):
+  """[B, T, M]: 1 where the target is real and of modality m."""
+  onehot = jax.nn.one_hot(batch['target_modality'], num_modalities, dtype=jnp.float32)
+  return onehot * batch['loss_mask'].astype(jnp.float32)[..., None]
+
 
 def token_stats(logits_BTV, batch, num_modalities: int):
   """Per-modality sums: {'loss_sum', 'correct', 'count'}, each float32 [M]."""
-  targets, mask = batch['targets'], batch['loss_mask'].astype(jnp.float32)
-  logz = jax.nn.logsumexp(logits_BTV, axis=-1)
-  target_logit = jnp.take_along_axis(logits_BTV, targets[..., None], axis=-1)[..., 0]
-  nll = logz - target_logit
+  targets = batch['targets']
+  nll = _nll(logits_BTV, targets)
   correct = (jnp.argmax(logits_BTV, axis=-1) == targets).astype(jnp.float32)
-  onehot = jax.nn.one_hot(batch['target_modality'], num_modalities, dtype=jnp.float32)
-  w = onehot * mask[..., None]  # [B, T, M]
+  w = _weights(batch, num_modalities)
   return {'loss_sum': jnp.einsum('BT,BTM->M', nll, w),
           'correct': jnp.einsum('BT,BTM->M', correct, w),
           'count': w.sum(axis=(0, 1))}
+
+
+def floor_stats(logits_BTV, batch, num_modalities: int):
+  """Sums per modality and order ([M, O], O = 0 text first, 1 image first: whether the
+  sequence's second token is BOI) for the excess over `batch['floor']` (data/floor.py):
+  loss, floor, count, and the per-sequence sums a standard error clustered by sequence
+  needs: rows (sequences with a token), d2 = sum of d_b^2, dn = sum of d_b n_b, n2 = sum of
+  n_b^2, for d_b the sequence's summed excess and n_b its token count."""
+  nll = _nll(logits_BTV, batch['targets'])
+  w = _weights(batch, num_modalities)
+  image_first = batch['tokens'][:, 1] == tokenizer.BOI
+  order = jax.nn.one_hot(image_first.astype(jnp.int32), 2, dtype=jnp.float32)  # [B, O]
+  f = batch['floor'].astype(jnp.float32)
+  d_BM = jnp.einsum('BT,BTM->BM', nll - f, w)
+  n_BM = w.sum(axis=1)
+  per_order = lambda x_BM: jnp.einsum('BM,BO->MO', x_BM, order)  # noqa: E731
+  return {'loss_sum': per_order(jnp.einsum('BT,BTM->BM', nll, w)),
+          'floor_sum': per_order(jnp.einsum('BT,BTM->BM', f, w)),
+          'count': per_order(n_BM), 'rows': per_order((n_BM > 0).astype(jnp.float32)),
+          'd2': per_order(d_BM ** 2), 'dn': per_order(d_BM * n_BM),
+          'n2': per_order(n_BM ** 2)}
 
 
 def aux_loss_total(aux: dict) -> jax.Array:
@@ -83,8 +114,13 @@ def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation,
 
 
 def eval_step(params, batch, *, graphdef, num_modalities: int, causal: bool = False):
-  """Per-modality loss/accuracy sums of one batch, plus the model's aux metrics.
+  """Per-modality loss/accuracy sums of one batch, plus the model's aux metrics; with a
+  `floor` in the batch also `floor_stats` (as 'floor/<name>').
   `causal`: MoMa routes with its auxiliary routers (the decode-time function)."""
   model = nnx.merge(graphdef, params)
   logits, aux = model(batch, causal=causal)
-  return token_stats(logits, batch, num_modalities), aux
+  stats = token_stats(logits, batch, num_modalities)
+  if 'floor' in batch:
+    stats.update({f'floor/{k}': v for k, v in
+                  floor_stats(logits, batch, num_modalities).items()})
+  return stats, aux
