@@ -29,7 +29,7 @@ eval: venv
 	$(PY) eval.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
 # pytest on 8 fake CPU devices (tests/conftest.py sets them up), in TEST_WORKERS pytest-xdist
-# processes (2: the suite is mostly single-threaded XLA compiles; ~13 min on 2 cores).
+# processes (2: the suite is mostly single-threaded XLA compiles; ~17 min on 2 cores).
 TEST_WORKERS ?= 2
 test: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 tests
