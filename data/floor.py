@@ -276,6 +276,26 @@ class Renderings:
   codes: np.ndarray  # [N, r] image code of each rendering on the region, in raster order
   probs: np.ndarray  # [N] prior probability of each rendering (sums to 1)
   attrs: dict[str, np.ndarray]  # name -> [N] attribute value of each rendering
+  _sorted: tuple | None = dataclasses.field(default=None, init=False, repr=False)
+
+  def prefix_masses(self, revealed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """-> ([j+1] prior mass of the renderings whose first j codes are revealed[:j], for
+    j = 0..len(revealed); [N] which renderings match all of it). The rows sorted once, so
+    each prefix is a range found by bisection (no pass over every rendering)."""
+    if self._sorted is None:
+      order = np.lexsort(self.codes.T[::-1])
+      keys = (self.codes[order] + 1).astype(np.uint8)  # codes + 1: no NUL in the keys
+      keys = keys.view(f'S{keys.shape[1]}').reshape(-1)
+      self._sorted = (order, keys, np.concatenate([[0.0], np.cumsum(self.probs[order])]))
+    order, keys, cum = self._sorted
+    prefix = (np.asarray(revealed) + 1).astype(np.uint8).tobytes()
+    lo, hi = np.zeros(len(revealed) + 1, np.int64), np.full(len(revealed) + 1, len(order))
+    for j in range(1, len(revealed) + 1):
+      lo[j] = np.searchsorted(keys, prefix[:j], side='left')
+      hi[j] = np.searchsorted(keys, prefix[:j] + b'\xff', side='left')
+    rows = np.zeros(len(order), bool)
+    rows[order[lo[-1]:hi[-1]]] = True
+    return cum[hi] - cum[lo], rows
 
   def where(self, **values) -> 'Renderings':
     """The renderings with these attribute values (None: any), probabilities renormalised."""
@@ -298,13 +318,17 @@ Hypothesis = tuple[float, list[Slot]]
 
 def _region_masses(region: np.ndarray, table: Renderings, weights: np.ndarray,
                    codes: np.ndarray):
-  """-> ([r'+1] masses of the first j revealed region patches, [N] rows matching all)."""
+  """-> ([r'+1] masses of the first j revealed region patches, [N] weights of the rows
+  matching all of them)."""
   revealed = int(np.searchsorted(region, len(codes)))
+  if weights is table.probs:  # the prior: by bisection in the sorted renderings
+    masses, rows = table.prefix_masses(codes[region[:revealed]])
+    return masses, weights * rows
   match = table.codes[:, :revealed] == codes[region[:revealed]]
   alive = np.cumprod(match, axis=1, dtype=bool)
   masses = np.concatenate([[weights.sum()], weights @ alive])
   rows = alive[:, -1] if revealed else np.ones(len(weights), bool)
-  return masses, rows
+  return masses, weights * rows
 
 
 def image_masses(hypotheses: Sequence[Hypothesis], codes: np.ndarray, num_patches: int):
@@ -326,10 +350,10 @@ def image_masses(hypotheses: Sequence[Hypothesis], codes: np.ndarray, num_patche
       key = (id(region), id(table), id(w))
       if key not in cache:
         cache[key] = _region_masses(region, table, w, codes)
-      masses, match = cache[key]
+      masses, matching = cache[key]
       f *= masses[np.searchsorted(region, steps)]
       covered[region] = True
-      rows.append(w * match)
+      rows.append(matching)
     bad = np.nonzero(~covered[:k] & (codes != 0))[0]
     if bad.size:
       f[bad[0] + 1:] = 0.0
