@@ -23,7 +23,8 @@ def tiny_plan():
 
 @pytest.mark.parametrize('preset', sorted(sweeps.PRESETS))
 def test_every_preset_run_is_at_equal_active_flops(preset):
-  plan = sweep.build_plan(preset, data='')
+  plan = sweep.build_plan(preset)  # the preset's own dataset, as the sweep runs it
+  assert all('data=scenes/' in r.config_arg for r in plan)
   names = {r.name for r in plan}
   assert {'moe_8x_ec', 'moma_1t1i', 'moma_4t4i', 'mod_moma_4t4i', 'mot_all', 'mot_ffn',
           'control_res_post', 'dense_wide'} <= names
@@ -34,7 +35,7 @@ def test_every_preset_run_is_at_equal_active_flops(preset):
   for r in plan:
     if r.kind in ('sparse', 'control', 'dense'):
       assert abs(r.flops_ratio - 1) <= sweeps.FLOPS_TOLERANCE, (r.name, r.flops_ratio)
-  assert next(r for r in plan if r.name == 'dense_wide').flops_ratio > 2
+  assert next(r for r in plan if r.name == 'dense_wide').flops_ratio > 1.5
   # MoD skips 3/4 of half the layers: parity needs added layers.
   mod = next(r for r in plan if r.name == 'mod_moma_4t4i')
   base_layers = sweep.load_config(mod.config_arg).model.num_layers
