@@ -14,7 +14,6 @@ ratio: X`, the median of the per-repeat ratios: 1.0 means the data costs the ste
 
 from __future__ import annotations
 
-import functools
 import os
 import statistics
 import sys
@@ -25,10 +24,10 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from data import pipeline, tokenizer  # noqa: E402
-from training import sharding, state as state_lib, step as step_lib  # noqa: E402
+from benchmarks import timing  # noqa: E402
+from data import pipeline  # noqa: E402
+from training import sharding  # noqa: E402
 from training.sweep import load_config  # noqa: E402
-from benchmarks.timing import Timer  # noqa: E402
 
 _CONFIG = flags.DEFINE_string('config', 'configs/dense.py:tiny,data=scenes',
                               'Config file and arg.')
@@ -41,25 +40,16 @@ def main(argv):
   del argv
   config = load_config(_CONFIG.value)
   mesh = sharding.make_mesh(config.mesh)
-  layout = state_lib.state_layout(config, mesh)
-  batch_sh = sharding.batch_sharding(mesh)
-  fn = functools.partial(step_lib.train_step, graphdef=layout.graphdef, tx=layout.tx,
-                         num_modalities=len(tokenizer.MODALITIES))
-  jitted = jax.jit(fn, in_shardings=(layout.shardings, batch_sh),
-                   out_shardings=(layout.shardings, None), donate_argnums=0)
   it = pipeline.make_train_iterator(config.data, seq_len=config.seq_len,
                                     global_batch_size=config.batch_size, seed=0)
   t0 = time.perf_counter()
   host = [next(it) for _ in range(20)]
   build_ms = (time.perf_counter() - t0) / len(host) * 1e3
-  fixed_batch = sharding.shard_batch(host[0], batch_sh)
+  fixed, compiled, batch_sh, _ = timing.compile_step(config, mesh, host[0])
   with jax.set_mesh(mesh):
-    state = state_lib.init_state(config, layout)
-    compiled = jitted.lower(state, fixed_batch).compile()
-    fixed = Timer(lambda s: compiled(s, fixed_batch)[0], state)
     fixed.warm_up(_WARMUP.value, _REPEAT_S.value)
-    stream = Timer(lambda s: compiled(s, sharding.shard_batch(next(it), batch_sh))[0],
-                   fixed.carry)
+    stream = timing.Timer(
+        lambda s: compiled(s, sharding.shard_batch(next(it), batch_sh))[0], fixed.carry)
     stream.warm_up(_WARMUP.value, _REPEAT_S.value)
     stream.calls, fixed.carry = fixed.calls, stream.carry  # the state is donated
     times = {'fixed': [], 'stream': []}

@@ -27,12 +27,10 @@ the per-repeat ratios (docs/moe.md, docs/moma.md, docs/mot.md).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import statistics
 import sys
-import time
 
 from absl import app, flags
 import jax
@@ -43,10 +41,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import dense, moe, moma, mot  # noqa: E402
 from data import tokenizer  # noqa: E402
 from models.transformer import dtype_of  # noqa: E402
-from tests.helpers import random_batch  # noqa: E402
 from training import flops, metrics, sharding  # noqa: E402
-from training import state as state_lib, step as step_lib  # noqa: E402
+from training import state as state_lib  # noqa: E402
 from training.validate import validate  # noqa: E402
+from benchmarks import timing  # noqa: E402
 from benchmarks.timing import Timer  # noqa: E402
 
 _SIZES = flags.DEFINE_list('sizes', ['tiny', 'small'], 'Sizes of configs/dense.py to time.')
@@ -126,22 +124,8 @@ LIKE = {'moe': moe_config_like, 'moma': moma_config_like, 'mot': mot_config_like
 
 def compile_step(config, mesh) -> tuple[Timer, dict]:
   """The train step of `config` (validated) built and AOT-compiled as training/loop.py does."""
-  layout = state_lib.state_layout(config, mesh)
-  state = state_lib.init_state(config, layout)
-  n_params = state_lib.count_params(state['params'])
-  batch_sh = sharding.batch_sharding(mesh)
-  local = config.batch_size // jax.process_count()
-  batch = sharding.shard_batch(random_batch(local, config.seq_len, seed=0), batch_sh)
-  step_fn = functools.partial(step_lib.train_step, graphdef=layout.graphdef, tx=layout.tx,
-                              num_modalities=len(tokenizer.MODALITIES))
-  with jax.set_mesh(mesh):
-    jitted = jax.jit(step_fn, in_shardings=(layout.shardings, batch_sh),
-                     out_shardings=(layout.shardings, None), donate_argnums=0)
-    t0 = time.perf_counter()
-    compiled = jitted.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
-  return Timer(lambda s: compiled(s, batch)[0], state), {'params': n_params,
-                                                          'compile_s': compile_s}
+  timer, _, _, info = timing.compile_step(config, mesh)
+  return timer, info
 
 
 def _row(name: str, config, info: dict, timer: Timer, pairs, mm_flops: float) -> dict:

@@ -251,6 +251,15 @@ def test_report_recovers_the_known_eta(tiny_plan, tmp_path):
   assert '| run | FLOPs/token ÷ dense |' in md and '| moma_4t4i | 1.00' in md
   assert 'Norm control' in md and 'Capacity check' in md
   assert os.path.getsize(os.path.join(out, 'eta.png')) > 10_000
+  # A step-time ratio measured in one benchmark run replaces the training logs' tokens/s.
+  with open(os.path.join(out, 'step_times.json'), 'w') as f:
+    json.dump({'reference': 'dense_1x', 'step_time_ratio': {'moma_4t4i': 1.25}}, f)
+  result = eta.report([r.as_dict() for r in tiny_plan], out, title='test', samples=50)
+  moma = result['runs']['moma_4t4i']
+  assert moma['step_time_ratio'] == 1.25
+  assert moma['step_time_source'] == 'benchmarks/sweep_steps.py'
+  assert moma['eta']['overall']['wall_clock'] == pytest.approx(TRUE_ETA['moma_4t4i'] / 1.25)
+  assert result['runs']['mot_all']['step_time_source'] == 'training tokens/s'
 
 
 def test_report_falls_back_to_loss_and_flags_unseparated_curves(tiny_plan, tmp_path):

@@ -15,8 +15,9 @@ column), with e = eval `excess` (loss above the dataset's Bayes floor; `loss` if
                 differ "beyond noise" when |a - b| > 2 sd sqrt(1/n_a + 1/n_b). Checked: each
                 step of the dense curve (still improving with compute?) and each run vs
                 dense 1x (at equal compute)
-  wall-clock η  η / (sparse step time / dense step time), step times from the median
-                `perf/tokens_per_s` in metrics.jsonl (equal tokens per step)
+  wall-clock η  η / (sparse step time / dense step time): the ratio measured in one run by
+                benchmarks/sweep_steps.py (OUT/step_times.json) when it exists, else from
+                the median `perf/tokens_per_s` in each run's metrics.jsonl
 
 `report(plan, out)` reads OUT/<run>/seed<k>/{eval.json, metrics.jsonl} of every complete run
 and writes OUT/eta.json, OUT/eta.md and OUT/eta.png.
@@ -210,8 +211,10 @@ def _stats(values) -> dict:
           'n': len(v), 'values': v.tolist()}
 
 
-def analyse(plan: list[dict], loaded: dict, *, samples: int = 2000) -> dict:
-  """Everything eta.json holds, from the plan (PlannedRun.as_dict()s) and load_runs()."""
+def analyse(plan: list[dict], loaded: dict, *, samples: int = 2000,
+            step_times: dict | None = None) -> dict:
+  """Everything eta.json holds, from the plan (PlannedRun.as_dict()s) and load_runs();
+  `step_times`: {run: step time / dense step time} measured in one benchmark run."""
   runs = loaded['runs']
   dense = sorted((r for r in plan if r['kind'] == 'dense' and r['name'] in runs),
                  key=lambda r: r['train_flops'])
@@ -251,8 +254,12 @@ def analyse(plan: list[dict], loaded: dict, *, samples: int = 2000) -> dict:
              'train_flops': r['train_flops'], 'seeds': v['seeds'],
              'excess': {p: _stats(v[p]) for p in PANELS}, 'eta': {}, 'vs_dense_1x': {},
              'step_time_ratio': None}
-    if v['tokens_per_s'] and dense_speed:
+    if step_times and r['name'] in step_times:
+      entry['step_time_ratio'] = step_times[r['name']]
+      entry['step_time_source'] = 'benchmarks/sweep_steps.py'
+    elif v['tokens_per_s'] and dense_speed:
       entry['step_time_ratio'] = dense_speed / v['tokens_per_s']
+      entry['step_time_source'] = 'training tokens/s'
     for p in PANELS:
       if ref:
         entry['vs_dense_1x'][p] = compare(runs[ref['name']][p], v[p], sd[p])
@@ -351,6 +358,10 @@ def markdown(result: dict, title: str) -> str:
                  + f" | {eta('text')} | {eta('image')} | {eta('overall')} | {step} | {wall}"
                  f" | {_VERDICT[vs['verdict']] if vs else '-'} |")
   lines.append('')
+  sources = sorted({r['step_time_source'] for r in result['runs'].values()
+                    if r.get('step_time_source')})
+  if sources:
+    lines.append('Step time ÷ dense: from ' + ' and '.join(sources) + '.')
   for name, r in result['runs'].items():
     if r['kind'] == 'control' and 'overall' in r['vs_dense_1x']:
       vs = r['vs_dense_1x']['overall']
@@ -407,7 +418,12 @@ def plot(result: dict, path: str) -> None:
 def report(plan: list[dict], out: str, *, title: str = 'sweep', samples: int = 2000) -> dict:
   """Analyse OUT's complete runs; write OUT/eta.json, eta.md, eta.png. Returns eta.json."""
   loaded, warnings = load_runs(plan, out)
-  result = analyse(plan, loaded, samples=samples)
+  step_times = None
+  path = os.path.join(out, 'step_times.json')
+  if os.path.exists(path):  # benchmarks/sweep_steps.py
+    with open(path) as f:
+      step_times = json.load(f)['step_time_ratio']
+  result = analyse(plan, loaded, samples=samples, step_times=step_times)
   result['warnings'] = warnings
   result['title'] = title
   os.makedirs(out, exist_ok=True)
