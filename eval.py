@@ -8,10 +8,11 @@ auto-detected); process 0 writes eval.json and the plots.
 MoMa (configs/moma.py, the same config arg as training's main stage): eval.json also has
 each layer's expert load per modality (plotted in WORKDIR/routing_load.png) and, once the
 aux stage has trained into WORKDIR/aux/, `causal_loss` / `causal_accuracy` per modality
-from the auxiliary routers' causal routing. Layout: training/evaluate.py.
+from the auxiliary routers' causal routing. Layout: training/evaluate.py. The config's
+trainer (trainers.py) picks the evaluation.
 
 IMP (configs/imp.py): eval.json has `tasks` instead, one entry per task objective with its
-metric, value and chance level (training/imp_eval.py), and task_curves.png.
+metric, value and chance level (projects/imp/evaluate.py), and task_curves.png.
 """
 
 import json
@@ -39,9 +40,9 @@ def main(argv):
   except ValueError as e:
     print(f'eval.py: error: {e}', file=sys.stderr)
     sys.exit(1)
-  from training import evaluate
+  import trainers
   try:
-    report = evaluate.evaluate(_CONFIG.value, _WORKDIR.value)
+    report = trainers.get(_CONFIG.value).evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError) as e:
     logging.error('%s', e)
     print(f'eval.py: error: {e}', file=sys.stderr)

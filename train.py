@@ -36,12 +36,14 @@ def main(argv):
     print(f'train.py: error: {e}', file=sys.stderr)
     sys.exit(1)
   import jax  # after flag parsing, so --help is fast
-  from training import loop
+  import trainers
+  from training import run
   logging.info('JAX %s, %d %s devices', jax.__version__, jax.device_count(),
                jax.default_backend())
   try:
-    loop.train(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
-  except (ValueError, loop.NonFiniteLossError) as e:
+    trainers.get(_CONFIG.value).train(_CONFIG.value, _WORKDIR.value,
+                                      allow_config_change=_ALLOW_CHANGE.value)
+  except (ValueError, run.NonFiniteLossError) as e:
     logging.error('%s', e)
     print(f'train.py: error: {e}', file=sys.stderr)
     sys.exit(1)

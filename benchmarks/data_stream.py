@@ -6,7 +6,7 @@ the same step on one fixed batch, timed in alternating repeats of one run.
 
 The train state and the jitted step are built as training/loop.py builds them. "fixed":
 `state <- step(state, batch)` on one batch already on device. "stream": the same step on
-`next(iterator)` of `pipeline.make_train_iterator`, placed with `sharding.shard_batch`, as
+`next(iterator)` of `pipeline.make_train_iterator`, placed with `partitioning.shard_batch`, as
 the training loop does (the host builds the next batch while the device runs the step).
 Also the time the iterator alone takes per batch. The last line is `stream/fixed step time
 ratio: X`, the median of the per-repeat ratios: 1.0 means the data costs the step nothing.
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import timing  # noqa: E402
 from data import pipeline  # noqa: E402
-from training import sharding  # noqa: E402
+from core import partitioning  # noqa: E402
 from training.sweep import load_config  # noqa: E402
 
 _CONFIG = flags.DEFINE_string('config', 'configs/dense.py:tiny,data=scenes',
@@ -39,7 +39,7 @@ _REPEAT_S = flags.DEFINE_float('repeat_seconds', 3.0, 'Target length of one repe
 def main(argv):
   del argv
   config = load_config(_CONFIG.value)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = partitioning.make_mesh(config.mesh)
   it = pipeline.make_train_iterator(config.data, seq_len=config.seq_len,
                                     global_batch_size=config.batch_size, seed=0)
   t0 = time.perf_counter()
@@ -49,7 +49,7 @@ def main(argv):
   with jax.set_mesh(mesh):
     fixed.warm_up(_WARMUP.value, _REPEAT_S.value)
     stream = timing.Timer(
-        lambda s: compiled(s, sharding.shard_batch(next(it), batch_sh))[0], fixed.carry)
+        lambda s: compiled(s, partitioning.shard_batch(next(it), batch_sh))[0], fixed.carry)
     stream.warm_up(_WARMUP.value, _REPEAT_S.value)
     stream.calls, fixed.carry = fixed.calls, stream.carry  # the state is donated
     times = {'fixed': [], 'stream': []}

@@ -19,7 +19,7 @@ group per sequence). Variants:
   dropless <impl>     the same with grouped_impl=<impl> (--impls; XLA:CPU and XLA:GPU lower
                       'ragged_dot' to a dense product over all E experts, ~E x the FLOPs)
   capacity c=1.25     dispatch='capacity': padded [E, G*C, D] buffers, C = ceil(c*k*S/E)
-  dense SwiGLU        models/layers.SwiGLU with F = k*F_expert = 4096: the same active FLOPs
+  dense SwiGLU        core/layers.SwiGLU with F = k*F_expert = 4096: the same active FLOPs
   matmul              x <- x @ w, x [4*N*D/H, 3H/2], w [3H/2, 3H/2] (H = k*F): exactly the
                       dense FFN's forward + backward FLOPs (18*N*D*H) in one matmul
 
@@ -50,8 +50,8 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from models import layers  # noqa: E402
-from models.transformer import dtype_of  # noqa: E402
+from core import layers  # noqa: E402
+from core.layers import dtype_of  # noqa: E402
 from moe import grouped, routing  # noqa: E402
 from moe import layer as moe_layer  # noqa: E402
 from benchmarks.timing import Timer  # noqa: E402

@@ -39,7 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.timing import Timer  # noqa: E402
 from moe import layer, parallel, routing  # noqa: E402
 from moe.experts import Experts  # noqa: E402
-from training import metrics, sharding  # noqa: E402
+from core import partitioning  # noqa: E402
+from training import metrics  # noqa: E402
 
 _G = flags.DEFINE_integer('groups', 8, 'Routing groups (sequences); split over the batch axes.')
 _S = flags.DEFINE_integer('group_size', 1024, 'S: tokens per routing group.')
@@ -54,7 +55,7 @@ _EXCHANGE = flags.DEFINE_enum('exchange', 'real', ['real', 'emulate'],
                               'real: jax.lax.ragged_all_to_all; emulate: its all_to_all form.')
 _MESH = {a: flags.DEFINE_integer(a, -1 if a == 'expert' else 1,
                                  f'Mesh axis {a} (-1: the remaining devices).')
-         for a in sharding.MESH_AXES}
+         for a in partitioning.MESH_AXES}
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats; medians are reported.')
 _REPEAT_S = flags.DEFINE_float('repeat_seconds', 0.5, 'Target length of one repeat.')
 
@@ -105,7 +106,7 @@ def main(argv):
   dev = jax.devices()
   print(f'jax {jax.__version__}, {len(dev)} x {dev[0].device_kind} ({jax.default_backend()})')
   import ml_collections  # pylint: disable=import-outside-toplevel
-  mesh = sharding.make_mesh(ml_collections.ConfigDict({a: f.value for a, f in _MESH.items()}))
+  mesh = partitioning.make_mesh(ml_collections.ConfigDict({a: f.value for a, f in _MESH.items()}))
   dtype = jnp.dtype(_DTYPE.value)
   graphdef, params, route, x, dy = problem()
   load = np.bincount(np.asarray(route.expert).ravel(), minlength=_E.value) / route.expert.size

@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import timing  # noqa: E402
 from configs import sweeps  # noqa: E402
-from training import metrics, sharding, sweep  # noqa: E402
+from core import partitioning
+from training import metrics, sweep  # noqa: E402
 
 _SWEEP = flags.DEFINE_enum('sweep', 'tiny', sorted(sweeps.PRESETS), 'Preset.')
 _ONLY = flags.DEFINE_list('only', [], 'Runs to time besides dense_1x (default: all at 1x).')
@@ -46,7 +47,7 @@ def main(argv):
   timers = []
   for run in plan:
     config = sweep.load_config(run.config_arg, run.overrides)
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = partitioning.make_mesh(config.mesh)
     timer, _, _, info = timing.compile_step(config, mesh)
     with jax.set_mesh(mesh):
       timer.warm_up(_WARMUP.value, _REPEAT_S.value)

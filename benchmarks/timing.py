@@ -10,8 +10,9 @@ import time
 
 import jax
 
+from core import partitioning
 from data import tokenizer
-from training import sharding, state as state_lib, step as step_lib
+from training import state as state_lib, step as step_lib
 
 
 class Timer:
@@ -47,10 +48,10 @@ def compile_step(config, mesh, batch=None):
   from tests.helpers import random_batch  # pylint: disable=import-outside-toplevel
   layout = state_lib.state_layout(config, mesh)
   state = state_lib.init_state(config, layout)
-  batch_sh = sharding.batch_sharding(mesh)
+  batch_sh = partitioning.batch_sharding(mesh)
   if batch is None:
     batch = random_batch(config.batch_size // jax.process_count(), config.seq_len, seed=0)
-  batch = sharding.shard_batch(batch, batch_sh)
+  batch = partitioning.shard_batch(batch, batch_sh)
   step_fn = functools.partial(step_lib.train_step, graphdef=layout.graphdef, tx=layout.tx,
                               num_modalities=len(tokenizer.MODALITIES))
   with jax.set_mesh(mesh):

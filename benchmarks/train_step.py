@@ -39,9 +39,9 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import dense, moe, moma, mot  # noqa: E402
-from data import tokenizer  # noqa: E402
-from models.transformer import dtype_of  # noqa: E402
-from training import flops, metrics, sharding  # noqa: E402
+from core.layers import dtype_of  # noqa: E402
+from core import partitioning  # noqa: E402
+from training import flops, metrics  # noqa: E402
 from training import state as state_lib  # noqa: E402
 from training.validate import validate  # noqa: E402
 from benchmarks import timing  # noqa: E402
@@ -154,7 +154,7 @@ def bench_size(size: str, batch_size: int | None, seq_len: int | None, matmuls: 
   config.seq_len = seq_len or config.seq_len
   config.compute_dtype = _DTYPE.value or config.compute_dtype
   validate(config, jax.device_count())
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = partitioning.make_mesh(config.mesh)
   train, info = compile_step(config, mesh)
   steps = [(f'dense {size}', config, info, train)]
   for family in families:

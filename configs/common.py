@@ -99,6 +99,7 @@ def base_config(size: str, data: str = 'shapes') -> ml_collections.ConfigDict:
   data_values, max_len = dataset(data)
   c = ml_collections.ConfigDict()
   c.size = size
+  c.trainer = 'decoder'  # trainers.py: decoder | imp
 
   c.model = ml_collections.ConfigDict()
   c.model.family = 'dense'

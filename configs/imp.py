@@ -1,6 +1,6 @@
 """IMP: one shared encoder trained on several tasks by alternating gradient descent (AGD):
 every optimizer step takes one batch of one task and updates on that task's loss alone
-(SPEC.md §4; data/imp_tasks.py, training/agd.py).
+(SPEC.md §4; projects/imp/).
 
 Args: a size from configs/common.py SIZES, then variants:
   schedule=sample   sample: a task per step with the tasks' weights (the paper);
@@ -28,7 +28,7 @@ VARIANTS = {'schedule': 'sample', 'mode': 'agd', 'moe': '0', 'mask': '1'}
 
 def _task(kind, image_size, batch_size, weight, interval, text_len=0, head=''):
   return ml_collections.ConfigDict(dict(
-      kind=kind,  # data/imp_tasks.py KINDS: classify | contrastive | caption
+      kind=kind,  # projects/imp/tasks.py KINDS: classify | contrastive | caption
       dataset='',  # '' = config.data.tfds_name
       head=head,  # classify: its head in model.imp.classifiers ('' = the only one)
       image_size=image_size,  # R: images are resized to R x R (any multiple of patch_size)
@@ -43,6 +43,7 @@ def get_config(arg: str = 'tiny'):
   size, v = common.parse_arg(arg, allowed=VARIANTS, data=False)
   c = common.base_config(size)
   c.model.family = 'imp'
+  c.trainer = 'imp'  # projects/imp: alternating gradient descent over tasks
   if size == 'tiny':
     c.learning_rate = 1e-3  # 3e-3 (the size table's) stalls the shape classifier
   c.model.imp = ml_collections.ConfigDict(dict(
@@ -59,7 +60,7 @@ def get_config(arg: str = 'tiny'):
           z_loss_coef=1e-3, jitter=0.0)),
   ))
   c.agd = ml_collections.ConfigDict(dict(
-      schedule=v['schedule'],  # sample | cycle (training/agd.py)
+      schedule=v['schedule'],  # sample | cycle (projects/imp/schedules.py)
       mode=v['mode'],  # agd | summed
       mask_updates=v['mask'] not in ('0', 'false', 'False'),
   ))

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from models import layers
+from core import partitioning
+from moe import depth
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,28 +58,29 @@ class MoD(nnx.Module):
   def __init__(self, spec: MoDSpec, *, embed_dim: int, param_dtype, rngs: nnx.Rngs,
                aux_router: nnx.Module):
     self.spec = spec
-    self.router = layers.param(rngs, nnx.initializers.normal(embed_dim ** -0.5),
+    self.router = partitioning.param(rngs, nnx.initializers.normal(embed_dim ** -0.5),
                                (embed_dim, 1), ('embed', None), param_dtype)
     self.aux_router = aux_router
 
   def __call__(self, layer_fn, x_BTD, sin_cos, modality_BT, *, causal=False,
                train_aux=False):
     """`layer_fn(x, sin_cos, modality, member, attn_mask) -> (y, aux)` is the wrapped layer
-    (attention + FFN with their residuals). Returns (x_out, aux)."""
+    (attention + FFN with their residuals). Returns (x_out, aux). The routing is
+    moe/depth.py's."""
     B, T, D = x_BTD.shape
     logits = (x_BTD.astype(jnp.float32) @ self.router[...].astype(jnp.float32))[..., 0]
-    gate = jax.nn.sigmoid(logits)  # [B, T]
     if causal:
-      chosen = self.aux_router(jax.lax.stop_gradient(x_BTD))[..., 0] > 0
+      routing, metrics = depth.causal_route(
+          logits, self.aux_router(jax.lax.stop_gradient(x_BTD))[..., 0])
+      chosen = routing.valid
       mask = chosen[:, None, :] | jnp.eye(T, dtype=bool)[None]
       y, aux = layer_fn(x_BTD, sin_cos, modality_BT, chosen, mask)
-      scale = gate[..., None] if self.spec.scale else 1.0
+      scale = routing.weight[..., None] if self.spec.scale else 1.0
       out = jnp.where(chosen[..., None], x_BTD + scale * (y - x_BTD), x_BTD)
-      aux = {**aux, 'mod/selected_fraction': jnp.mean(chosen.astype(jnp.float32))}
+      aux = {**aux, 'mod/selected_fraction': metrics['selected_fraction']}
       return out.astype(x_BTD.dtype), aux
-    k = self.spec.num_selected(T)
-    _, idx = jax.lax.top_k(logits, k)
-    idx = jnp.sort(idx, axis=-1)  # position order: causal attention among the selected
+    routing, metrics = depth.route(logits, self.spec.num_selected(T))
+    idx = routing.token
     take = lambda a: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)),
                                          axis=1)
     x_sel = take(x_BTD)
@@ -86,11 +88,11 @@ class MoD(nnx.Module):
     y, aux = layer_fn(x_sel, sin_cos_sel, take(modality_BT), None, None)
     delta = y - x_sel
     if self.spec.scale:
-      delta = delta * take(gate)[..., None].astype(delta.dtype)
+      delta = delta * routing.weight[..., None].astype(delta.dtype)
     out = x_BTD.at[jnp.arange(B)[:, None], idx].add(delta.astype(x_BTD.dtype))
-    chosen = jnp.zeros((B, T), jnp.float32).at[jnp.arange(B)[:, None], idx].set(1.0)
-    aux = {**aux, 'mod/selected_fraction': jnp.mean(chosen)}
+    aux = {**aux, 'mod/selected_fraction': metrics['selected_fraction']}
     if train_aux:
+      chosen = depth.selected(routing)
       aux_logits = self.aux_router(jax.lax.stop_gradient(x_BTD))[..., 0]
       aux['mod/aux_router_loss'] = jnp.mean(optax.sigmoid_binary_cross_entropy(
           aux_logits, chosen))

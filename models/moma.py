@@ -12,8 +12,9 @@ shared pool any modality may use: the MoIIE form). Routing is hierarchical:
        A token no expert took gets 0 from the FFN and rides the residual. No balance loss.
 
 All groups' experts live in ONE stacked `Experts` [E_total, D, F] (group m owns the slice
-`offsets[m] : offsets[m] + E_m`), and routing produces ordinary `moe.routing.Routing` pairs,
-so dispatch, the grouped-matmul kernels and expert parallelism of moe/ serve MoMa unchanged
+`offsets[m] : offsets[m] + E_m`), and the routing (moe/modality.py, which owns it with the
+auxiliary routers) produces ordinary `moe.routing.Routing` pairs, so dispatch, the
+grouped-matmul kernels and expert parallelism of moe/ serve MoMa unchanged
 (`moe.layer.run_experts`). The static capacity C_m = ceil(S * c_m) bounds b_m * c_m, so
 shapes are static while the number of tokens each expert takes follows the paper exactly.
 
@@ -38,36 +39,23 @@ iff its aux score > 0.5, with the main router's sigmoid as the gate value.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from models import layers, mod as mod_lib
+from core import layers, partitioning
+from data import tokenizer
+from models import family as family_lib
+from models import mod as mod_lib
 from moe import layer as moe_layer
 from moe.experts import Experts
-from moe.routing import Routing
+from moe.modality import SHARED, AuxRouter, Group, load_by_modality, route, selection
 
 ROUTERS = ('expert_choice', 'topk')
 NORMS = ('res_post', 'pre')
-SHARED = 'shared'  # name of the MoIIE pool group
-
-
-@dataclasses.dataclass(frozen=True)
-class Group:
-  """One expert group: its experts serve the tokens of `modalities` (ids)."""
-  name: str  # modality name, or 'shared' for the MoIIE pool
-  experts: int  # E_m
-  capacity: float  # c_m: fraction of the group's tokens each expert takes
-  modalities: tuple[int, ...]  # modality ids whose tokens are members
-
-  @property
-  def routed(self) -> bool:
-    return not (self.experts == 1 and self.capacity >= 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,155 +117,6 @@ def parse_groups(text: str, modalities: tuple[str, ...]) -> tuple[tuple[str, int
   return tuple((m, counts[m]) for m in modalities)
 
 
-class AuxRouter(nnx.Module):
-  """Causal router `sigmoid(SiLU(x W1) W2)`, W1 [D, D/2], W2 [D/2, n]; returns the logits."""
-
-  def __init__(self, embed_dim: int, num_out: int, *, param_dtype, rngs: nnx.Rngs):
-    hidden = max(1, embed_dim // 2)
-    self.w1 = layers.param(rngs, layers.fan_in_init(embed_dim), (embed_dim, hidden),
-                           ('embed', 'mlp'), param_dtype)
-    self.w2 = layers.param(rngs, layers.fan_in_init(hidden), (hidden, num_out),
-                           ('mlp', None), param_dtype)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    return jax.nn.silu(x32 @ self.w1[...].astype(jnp.float32)) @ self.w2[...].astype(
-        jnp.float32)
-
-
-class _Pairs(NamedTuple):
-  """One group's routing pairs [G, P_m] and what bounds them."""
-  token: jax.Array
-  expert: jax.Array
-  weight: jax.Array
-  valid: jax.Array
-  per_expert: int  # static bound on one expert's valid pairs in a routing group
-  per_token: float  # valid pairs of the group <= per_token * b_m + extra (b_m: members)
-  extra: int
-  aux_loss: jax.Array
-
-
-def _group_pairs(group: Group, offset: int, logits_GSE, member_GS, spec: MoMaSpec,
-                 aux_logits_GSE) -> _Pairs:
-  """The pairs of one group (untied, causal from its aux router, token choice, or expert
-  choice) with their static bounds and the group's aux loss (top-k load balance)."""
-  G, S, _ = logits_GSE.shape
-  n = group.experts
-  cols = logits_GSE[..., offset:offset + n]  # [G, S, n]
-  tokens = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None, :], (G, S))
-  zero = jnp.zeros((), jnp.float32)
-  if not group.routed:  # the modality's own FFN: every member token, weight 1
-    return _Pairs(tokens, jnp.full((G, S), offset, jnp.int32), jnp.ones((G, S), jnp.float32),
-                  member_GS, S, 1.0, 0, zero)
-  if aux_logits_GSE is not None or spec.router == 'topk':
-    if aux_logits_GSE is not None:  # causal: each token decides alone, from its aux router
-      chosen = aux_logits_GSE > 0  # aux sigmoid > 0.5
-      weight = jax.nn.sigmoid(cols)
-      k = n
-      expert = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (G, S, n))
-      aux_loss = zero
-    else:  # token choice among the group's experts
-      k = min(spec.k, n)
-      probs = jax.nn.softmax(cols, axis=-1)
-      weight, expert = jax.lax.top_k(probs, k)  # [G, S, k]
-      chosen = jnp.ones((G, S, k), bool)
-      aux_loss = spec.load_balance_coef * _load_balance(probs, expert, member_GS)
-    pairs = lambda a: a.reshape(G, S * k)
-    return _Pairs(pairs(jnp.repeat(tokens[..., None], k, axis=-1)), pairs(expert + offset),
-                  pairs(weight), pairs(chosen & member_GS[..., None]), S, float(k), 0,
-                  aux_loss)
-  # Expert choice: expert j takes the top ceil(b_m * c) member tokens by its column, so the
-  # group holds n * ceil(b_m c) <= n c b_m + n valid pairs.
-  cap = min(S, math.ceil(S * group.capacity - 1e-6))
-  masked = jnp.where(member_GS[..., None], cols, -jnp.inf)
-  _, token = jax.lax.top_k(jnp.swapaxes(masked, 1, 2), cap)  # [G, n, C]
-  weight = jnp.take_along_axis(jnp.swapaxes(jax.nn.sigmoid(cols), 1, 2), token, axis=2)
-  b = jnp.sum(member_GS, axis=1).astype(jnp.float32)  # [G]
-  quota = jnp.ceil(b * group.capacity - 1e-6).astype(jnp.int32)
-  rank = jnp.arange(cap, dtype=jnp.int32)
-  valid = (rank[None, None, :] < quota[:, None, None]) & jnp.take_along_axis(
-      jnp.broadcast_to(member_GS[:, None, :], (G, n, S)), token, axis=2)
-  expert = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :, None] + offset, token.shape)
-  flat = lambda a: a.reshape(G, n * cap)
-  return _Pairs(flat(token), flat(expert), flat(weight), flat(valid), cap,
-                n * group.capacity, n, zero)
-
-
-def _load_balance(probs_GSn, expert_GSk, member_GS):
-  """Switch loss inside one group, over its member tokens: n * sum_j f_j * P_j."""
-  n = probs_GSn.shape[-1]
-  w = member_GS.astype(jnp.float32)
-  count = jnp.maximum(jnp.sum(w), 1.0)
-  top1 = jax.nn.one_hot(expert_GSk[..., 0], n, dtype=jnp.float32)
-  f = jnp.einsum('GSn,GS->n', top1, w) / count
-  p = jnp.einsum('GSn,GS->n', probs_GSn, w) / count
-  return n * jnp.sum(f * p)
-
-
-def _max_valid(spec: MoMaSpec, parts: list[_Pairs], S: int) -> int:
-  """Static bound on the valid pairs of one routing group of S tokens.
-
-  Groups with disjoint modality sets share the S tokens (sum of b_m = S), each holding at
-  most per_token_m * b_m + extra_m valid pairs: together at most
-  S * max(per_token_m) + sum(extra_m). A group of every modality (the shared pool) adds all
-  its pairs. All pairs when groups overlap otherwise.
-  """
-  total = sum(p.token.shape[1] for p in parts)
-  every = set().union(*(g.modalities for g in spec.groups))
-  split = [(g, p) for g, p in zip(spec.groups, parts)
-           if set(g.modalities) != every or len(spec.groups) == 1]
-  pool = sum(p.token.shape[1] for g, p in zip(spec.groups, parts)
-             if set(g.modalities) == every and len(spec.groups) > 1)
-  mods = [m for g, _ in split for m in g.modalities]
-  if len(mods) != len(set(mods)):
-    return total
-  bound = (math.floor(S * max(p.per_token for _, p in split) + 1e-6)
-           + sum(p.extra for _, p in split) + pool)
-  return min(bound, total)
-
-
-def route(spec: MoMaSpec, logits_GSE, modality_GS, member_GS, aux_logits=None):
-  """Routing of all groups -> (Routing, static bound on one expert's valid pairs per routing
-  group, static bound on all valid pairs per routing group, aux loss).
-
-  `aux_logits`: {group index: [G, S, E_m]} from the auxiliary routers (causal inference);
-  None = batch routing. Pairs are concatenated group after group.
-  """
-  G, S, E = logits_GSE.shape
-  parts = []
-  for i, (group, offset) in enumerate(zip(spec.groups, spec.offsets)):
-    member = member_GS & jnp.isin(modality_GS, jnp.asarray(group.modalities))
-    aux = None if aux_logits is None else aux_logits.get(i)
-    parts.append(_group_pairs(group, offset, logits_GSE, member, spec, aux))
-  token, expert, weight, valid = (jnp.concatenate(a, axis=1) for a in zip(
-      *[(p.token, p.expert, p.weight, p.valid) for p in parts]))
-  route_ = Routing(token=token, expert=expert, weight=jnp.where(valid, weight, 0.0),
-                   valid=valid, num_experts=E, group_size=S)
-  return (route_, max(p.per_expert for p in parts), _max_valid(spec, parts, S),
-          sum((p.aux_loss for p in parts), jnp.zeros((), jnp.float32)))
-
-
-def selection(route_: Routing) -> jax.Array:
-  """float32 [G, S, E]: 1 where expert e processes token s (the aux routers' target)."""
-  G, P = route_.token.shape
-  g = jnp.broadcast_to(jnp.arange(G)[:, None], (G, P))
-  out = jnp.zeros((G, route_.group_size, route_.num_experts), jnp.float32)
-  return jnp.minimum(out.at[g, route_.token, route_.expert].add(
-      route_.valid.astype(jnp.float32)), 1.0)
-
-
-def load_by_modality(route_: Routing, modality_GS, member_GS, num_modalities: int):
-  """[M, E]: fraction of modality m's (member) tokens that expert e processed."""
-  tok_mod = jnp.take_along_axis(modality_GS, route_.token, axis=1)  # [G, P]
-  pairs = jnp.einsum('GPM,GPE->ME',
-                     jax.nn.one_hot(tok_mod, num_modalities, dtype=jnp.float32)
-                     * route_.valid[..., None],
-                     jax.nn.one_hot(route_.expert, route_.num_experts, dtype=jnp.float32))
-  counts = jnp.sum(jax.nn.one_hot(modality_GS, num_modalities, dtype=jnp.float32)
-                   * member_GS[..., None], axis=(0, 1))
-  return pairs / jnp.maximum(counts, 1.0)[:, None]
-
-
 class MoMaFFN(nnx.Module):
   """Modality-grouped experts; `__call__(x [B, T, D], modality [B, T]) -> (y, aux)`."""
 
@@ -286,7 +125,7 @@ class MoMaFFN(nnx.Module):
     self.spec = spec
     self.num_modalities = num_modalities
     self.dtype = dtype
-    self.router = layers.param(rngs, nnx.initializers.normal(embed_dim ** -0.5 * 0.1),
+    self.router = partitioning.param(rngs, nnx.initializers.normal(embed_dim ** -0.5 * 0.1),
                                (embed_dim, spec.num_experts), ('embed', None), param_dtype)
     self.experts = Experts(num_experts=spec.num_experts, embed_dim=embed_dim,
                            mlp_dim=spec.mlp_dim, dtype=dtype, param_dtype=param_dtype,
@@ -314,12 +153,12 @@ class MoMaFFN(nnx.Module):
     if self.aux_routers and (causal or spec.train_aux):
       x_aux = jax.lax.stop_gradient(x)  # the aux routers never train the main model
       aux_logits = {i: r(x_aux) for i, r in zip(spec.aux_groups(), self.aux_routers)}
-    route_, per_expert, max_valid, aux_loss = route(spec, logits, modality, member,
-                                                    aux_logits if causal else None)
+    route_, route_metrics = route(spec, logits, modality, member,
+                                  aux_logits if causal else None)
     y, stats = moe_layer.run_experts(x, route_, self.experts, dropless=True,
-                                     capacity=per_expert, dtype=self.dtype,
-                                     max_valid=max_valid)
-    metrics = {'aux_loss': aux_loss, 'expert_load': stats['expert_load'],
+                                     capacity=route_.max_per_expert, dtype=self.dtype,
+                                     max_valid=route_.max_valid)
+    metrics = {'aux_loss': route_metrics['aux_loss'], 'expert_load': stats['expert_load'],
                'load': load_by_modality(route_, modality, member, self.num_modalities)}
     if spec.train_aux and not causal and aux_logits:
       metrics.update(self._aux_router_loss(route_, aux_logits, member, modality))
@@ -401,3 +240,127 @@ class MoMaBlock(nnx.Module):
     layer_fn = lambda x, sc, m, member, mask: self._layer(x, sc, m, member, mask, rng, causal)
     return self.mod(layer_fn, x_BTD, sin_cos, modality, causal=causal,
                     train_aux=self.spec.train_aux)
+
+
+# ---------------------------------------------------------------------------
+# The MoMa family (models/family.py): config -> spec, parameters, checks.
+
+
+def moma_spec_from_config(moma_cfg, *, train_aux: bool = False) -> MoMaSpec:
+  """config.model.moma -> MoMaSpec: expert groups in modality-id order, then the shared
+  (MoIIE) pool if any. capacity '' = 1 / experts of the group (the paper's c_e)."""
+  names = tokenizer.MODALITIES
+  counts = parse_groups(moma_cfg.groups, names)
+  cap = lambda n, c: float(c) if str(c) != '' else 1.0 / n  # noqa: E731
+  groups = [Group(name, n, cap(n, moma_cfg.capacity), (i,))
+            for i, (name, n) in enumerate(counts)]
+  if moma_cfg.shared_experts:
+    groups.append(Group(SHARED, moma_cfg.shared_experts,
+                        cap(moma_cfg.shared_experts, moma_cfg.shared_capacity),
+                        tuple(range(len(names)))))
+  return MoMaSpec(
+      groups=tuple(groups), mlp_dim=moma_cfg.mlp_dim, router=moma_cfg.router, k=moma_cfg.k,
+      group_sequences=moma_cfg.group_sequences, gumbel=moma_cfg.gumbel,
+      load_balance_coef=moma_cfg.load_balance_coef, norm=moma_cfg.norm,
+      train_aux=train_aux)
+
+
+def mod_spec_from_config(mod_cfg) -> mod_lib.MoDSpec | None:
+  if not mod_cfg.enabled:
+    return None
+  return mod_lib.MoDSpec(capacity=mod_cfg.capacity, every=mod_cfg.every, scale=mod_cfg.scale)
+
+
+def _spec_fields(model_cfg, stage: str) -> dict:
+  return {'moma': moma_spec_from_config(model_cfg.moma, train_aux=stage == 'aux'),
+          'mod': mod_spec_from_config(model_cfg.moma.mod)}
+
+
+def _ffn_params(spec: MoMaSpec, embed_dim: int, active: bool) -> float:
+  """One MoMa FFN. Active: a token of modality m goes through c_m * E_m experts of its group
+  on average (1 with the default c), plus c_s * E_s of the shared pool. Aux routers are not
+  active (they only run at causal inference)."""
+  d, expert = embed_dim, 3 * embed_dim * spec.mlp_dim
+  if not active:
+    aux = sum(d * (d // 2) + (d // 2) * spec.groups[j].experts for j in spec.aux_groups())
+    return spec.num_experts * expert + d * spec.num_experts + aux
+  per_token = lambda g: ((spec.k if spec.router == 'topk' else g.capacity * g.experts)  # noqa: E731
+                         if g.routed else 1)
+  mod_groups = [g for g in spec.groups if g.name != SHARED]
+  shared = sum(per_token(g) for g in spec.groups if g.name == SHARED)
+  routed = (sum(per_token(g) for g in mod_groups) / len(mod_groups) + shared) * expert
+  return routed + d * spec.num_experts
+
+
+def _is_mod(spec, layer: int) -> bool:
+  return spec.mod is not None and spec.mod.is_mod_layer(layer)
+
+
+def _layer_params(spec, layer: int, active: bool) -> float:
+  """Attention, norms and the MoMa FFN; a MoD layer is active for a fraction c_d of the
+  tokens and adds its router (D x 1) and aux router (D x D/2 + D/2)."""
+  d = spec.embed_dim
+  n = family_lib.attention_and_norm_params(spec) + _ffn_params(spec.moma, d, active)
+  if _is_mod(spec, layer):
+    n = n * spec.mod.capacity + d if active else n + d + d * (d // 2) + d // 2
+  return n
+
+
+def _attention_keys(spec, layer: int, seq_len: int) -> float:
+  """A MoD layer's k = round(c_d T) tokens attend over each other: k^2 / T per token."""
+  if _is_mod(spec, layer):
+    k = spec.mod.num_selected(seq_len)
+    return k * k / seq_len
+  return float(seq_len)
+
+
+def _matmul_params(spec, layer: int, active_params: float) -> float:
+  share = spec.mod.capacity if _is_mod(spec, layer) else 1.0  # a MoD layer's norms: c_d
+  return active_params - 2 * spec.embed_dim * share
+
+
+def _validate(config, sizes) -> None:
+  mm = config.model.moma
+  for key in ('mlp_dim', 'k', 'group_sequences'):
+    if not isinstance(mm[key], int) or mm[key] <= 0:
+      raise ValueError(f'config.model.moma.{key} must be a positive integer, got {mm[key]!r}')
+  if not isinstance(mm.shared_experts, int) or mm.shared_experts < 0:
+    raise ValueError(f'config.model.moma.shared_experts must be >= 0, got '
+                     f'{mm.shared_experts!r}')
+  for key in ('capacity', 'shared_capacity'):
+    if str(mm[key]) != '':
+      try:
+        float(mm[key])
+      except ValueError:
+        raise ValueError(f"config.model.moma.{key}={mm[key]!r} is not a number or ''") from None
+  spec = moma_spec_from_config(mm)  # parses groups: clear errors
+  check_spec(spec, expert_shards=sizes['expert'])
+  if mm.mod.enabled:
+    mod_lib.check_spec(mod_spec_from_config(mm.mod))
+  if mm.mlp_dim % sizes['tensor']:
+    raise ValueError(f"config.model.moma.mlp_dim={mm.mlp_dim} is not divisible by "
+                     f"mesh.tensor={sizes['tensor']}")
+  shards = sizes['data'] * sizes['fsdp'] * sizes['expert']
+  if config.batch_size % mm.group_sequences or (
+      config.batch_size // mm.group_sequences) % shards:
+    raise ValueError(f'config.model.moma.group_sequences={mm.group_sequences}: the '
+                     f'batch of {config.batch_size} must split into routing groups that '
+                     f'split over the {shards} batch shards')
+  if config.get('stage', 'main') == 'aux' and not spec.aux_groups() and not mm.mod.enabled:
+    raise ValueError(f"config.stage='aux' trains auxiliary routers, but groups="
+                     f"{mm.groups!r} with router={mm.router!r} and no MoD has none")
+
+
+FAMILY = family_lib.Family(
+    name='moma',
+    spec_fields=_spec_fields,
+    block=lambda spec, layer, rngs: MoMaBlock(spec, layer, num_modalities=spec.num_modalities,
+                                              rngs=rngs),
+    layer_params=_layer_params,
+    validate=_validate,
+    attention_keys=_attention_keys,
+    matmul_params=_matmul_params,
+    expert_names=lambda spec: spec.moma.expert_names(),
+    stages=('main', 'aux'),
+    evaluators=('lm', 'causal'),
+)

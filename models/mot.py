@@ -24,7 +24,7 @@ the weights: all_gather over 'fsdp' of the embed axis, column-parallel Q/K/V and
 over 'tensor' (heads / mlp), row-parallel O and down with a psum over 'tensor'. The
 shard_map is manual only over the mesh axes of size > 1 (a collective over a size-1 axis is
 still a copy). Tied parts with a MoE are plain matmuls under jit's automatic sharding, as
-in models/layers.py. The 'modality' axis of the weights is replicated (every device holds
+in core/layers.py. The 'modality' axis of the weights is replicated (every device holds
 tokens of every modality).
 
 `untie` picks the untied parts (the paper's ablation): 'ffn', 'attn' (Q, K, V, O and the
@@ -42,10 +42,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import layers
-from moe import grouped, layer as moe_layer
-from training import sharding
-from training.sharding import constrain
+from core import layers
+from core import partitioning
+from core.partitioning import constrain
+from data import tokenizer
+from models import family as family_lib, moe_ffn
+from moe import grouped, layer as moe_layer, rows
 
 UNTIE = ('ffn', 'attn', 'norm')
 # Rows per block of the grouped layout: with M (small) groups the padding is under
@@ -89,7 +91,7 @@ class Norm(nnx.Module):
   def __init__(self, dim: int, *, untied: int, param_dtype, rngs: nnx.Rngs, eps=1e-6):
     self.eps = eps
     shape, axes = ((untied, dim), ('modality', 'norm')) if untied else ((dim,), ('norm',))
-    self.scale = layers.param(rngs, nnx.initializers.ones, shape, axes, param_dtype)
+    self.scale = partitioning.param(rngs, nnx.initializers.ones, shape, axes, param_dtype)
 
   def __call__(self, x: jax.Array, modality: jax.Array) -> jax.Array:
     y = layers.rms_normalize(x, self.eps)
@@ -103,14 +105,14 @@ class Norm(nnx.Module):
 def _weight(rngs, fan_in, shape, axes, untied, pdtype):
   if untied:
     shape, axes = (untied,) + tuple(shape), ('modality',) + tuple(axes)
-  return layers.param(rngs, layers.fan_in_init(fan_in), shape, axes, pdtype)
+  return partitioning.param(rngs, partitioning.fan_in_init(fan_in), shape, axes, pdtype)
 
 
 def _per_shard(fn, in_names, out_names):
   """fn(*arrays, collectives) per batch shard: `jax.shard_map` over the mesh axes of size
   > 1 (`collectives`: their names; collectives over the others would be copies), or a plain
   call when there are none (one device, or no mesh). Names are logical axes
-  (training/sharding.py)."""
+  (training/partitioning.py)."""
   mesh = jax.sharding.get_abstract_mesh()
   manual = frozenset() if mesh.empty else frozenset(
       a for a, n in zip(mesh.axis_names, mesh.axis_sizes) if n > 1)
@@ -121,7 +123,7 @@ def _per_shard(fn, in_names, out_names):
     keep = lambda axes: tuple(x for x in axes if x in manual) or None
     return jax.sharding.PartitionSpec(*(
         keep((e,) if isinstance(e, str) else e) if e is not None else None
-        for e in sharding.logical_to_spec(names)))
+        for e in partitioning.logical_to_spec(names)))
   out = (tuple(spec(n) for n in out_names) if isinstance(out_names[0], tuple)
          else spec(out_names))
   return jax.shard_map(lambda *a: fn(*a, collectives=manual), axis_names=manual,
@@ -256,7 +258,7 @@ class MoTBlock(nnx.Module):
 
   def _layout_of(self, mod):
     """Each shard's row layout (rows grouped by modality), from its [B, T] modality ids."""
-    return grouped.rows_layout(mod.reshape(-1), self.spec.num_modalities,
+    return rows.rows_layout(mod.reshape(-1), self.spec.num_modalities,
                                impl=self.spec.grouped_impl, block=BLOCK)
 
   def stream_in(self, x_BTD, modality):
@@ -268,7 +270,7 @@ class MoTBlock(nnx.Module):
 
     def place(x, mod, collectives):
       del collectives
-      return grouped.to_layout(x.reshape(-1, x.shape[-1]), self._layout_of(mod))
+      return rows.to_layout(x.reshape(-1, x.shape[-1]), self._layout_of(mod))
     return _per_shard(place, (X, MOD), STREAM)(x_BTD, modality)
 
   def stream_out(self, x, modality):
@@ -278,7 +280,7 @@ class MoTBlock(nnx.Module):
 
     def back(xs, mod, collectives):
       del collectives
-      return grouped.from_layout(xs, self._layout_of(mod)).reshape(*mod.shape, -1)
+      return rows.from_layout(xs, self._layout_of(mod)).reshape(*mod.shape, -1)
     return _per_shard(back, (STREAM, MOD), X)(x, modality)
 
   def _sorted_block(self, xs, sin_cos, modality):
@@ -309,8 +311,8 @@ class MoTBlock(nnx.Module):
         xs = norm(xs, sa, eps_a, lay)
       hq, hk = wq.shape[2], wk.shape[2]
       w = jnp.concatenate([a.reshape(*a.shape[:2], -1) for a in (wq, wk, wv)], axis=2)
-      y = grouped.layout_matmul(xs.astype(dt), w, lay)
-      y = grouped.from_layout(y, lay).reshape(*mod.shape, hq + 2 * hk, -1)
+      y = rows.layout_matmul(xs.astype(dt), w, lay)
+      y = rows.from_layout(y, lay).reshape(*mod.shape, hq + 2 * hk, -1)
       return y[..., :hq, :], y[..., hq:hq + hk, :], y[..., hq + hk:, :]
 
     heads = ('batch', 'length', 'act_heads', None)
@@ -325,10 +327,10 @@ class MoTBlock(nnx.Module):
       wg, wu = _gather_fsdp(wg, 1, collectives), _gather_fsdp(wu, 1, collectives)
       wd = _gather_fsdp(wd, 2, collectives)
       lay = self._layout_of(mod)
-      os_ = grouped.to_layout(o.reshape(-1, o.shape[2] * o.shape[3]), lay)
-      a = _psum_tensor(grouped.layout_matmul(os_, wo.reshape(wo.shape[0], -1, wo.shape[3]),
+      os_ = rows.to_layout(o.reshape(-1, o.shape[2] * o.shape[3]), lay)
+      a = _psum_tensor(rows.layout_matmul(os_, wo.reshape(wo.shape[0], -1, wo.shape[3]),
                                              lay), collectives)
-      ffn = lambda h: _psum_tensor(grouped.layout_swiglu(h.astype(dt), wg, wu, wd, lay),
+      ffn = lambda h: _psum_tensor(rows.layout_swiglu(h.astype(dt), wg, wu, wd, lay),
                                    collectives)
       if pre:
         h = xs + a
@@ -352,3 +354,61 @@ class MoTBlock(nnx.Module):
     h = x_BTD + self._attention(self.attn_norm(x_BTD, modality), sin_cos, modality)
     f, aux = self._ffn(self.ffn_norm(h, modality), modality, rng)
     return h + f, aux
+
+
+# ---------------------------------------------------------------------------
+# The MoT family (models/family.py): config -> spec, parameters, checks.
+
+
+def mot_spec_from_config(mot_cfg) -> MoTSpec:
+  names = tokenizer.MODALITIES
+  untie = frozenset(p.strip() for p in mot_cfg.untie.split(',') if p.strip())
+  moe_modality = moe = None
+  if mot_cfg.moe_modality:
+    if mot_cfg.moe_modality not in names:
+      raise ValueError(f'model.mot.moe_modality={mot_cfg.moe_modality!r} is not one of '
+                       f'{names}')
+    moe_modality, moe = names.index(mot_cfg.moe_modality), moe_ffn.moe_spec_from_config(
+        mot_cfg.moe)
+  return MoTSpec(untie=untie, num_modalities=len(names), qk_norm=mot_cfg.qk_norm,
+                 norm=mot_cfg.norm, moe_modality=moe_modality, moe=moe)
+
+
+def _layer_params(spec, layer: int, active: bool) -> float:
+  """One MoT layer: untied parts count M times (once when `active`: a token uses its own
+  modality's copy); a MoE modality's FFN counts k experts when active (averaged over the
+  modalities, as for MoMa)."""
+  del layer
+  m, d = spec.mot, spec.embed_dim
+  M = m.num_modalities
+  h, g, k = spec.num_heads, spec.num_kv_heads, spec.head_dim
+  copies = lambda part: 1 if active or part not in m.untie else M  # noqa: E731
+  attn = (d * (h + 2 * g) * k + h * k * d + (2 * k if m.qk_norm else 0)) * copies('attn')
+  norms = 2 * d * copies('norm')
+  ffn = 3 * d * spec.mlp_dim
+  if m.moe is None:
+    return attn + norms + ffn * copies('ffn')
+  e = m.moe
+  moe = 3 * d * e.mlp_dim * (e.router.k if active else e.num_experts) + d * e.num_experts
+  if active:
+    return attn + norms + ((M - 1) * ffn + moe) / M
+  return attn + norms + ffn * ((M - 1) if 'ffn' in m.untie else 1) + moe
+
+
+def _validate(config, sizes) -> None:
+  spec = mot_spec_from_config(config.model.mot)
+  check_spec(spec)
+  if spec.moe is not None:
+    moe_ffn.check_moe_block(config.model.mot.moe, 'model.mot.moe')
+    moe_layer.check_moe_spec(spec.moe, seq_len=config.seq_len, expert_shards=sizes['expert'])
+
+
+FAMILY = family_lib.Family(
+    name='mot',
+    spec_fields=lambda model_cfg, stage: {'mot': mot_spec_from_config(model_cfg.mot)},
+    block=lambda spec, layer, rngs: MoTBlock(spec, rngs=rngs),
+    layer_params=_layer_params,
+    validate=_validate,
+    stream_in=lambda decoder, x, modality: decoder.blocks[0].stream_in(x, modality),
+    stream_out=lambda decoder, x, modality: decoder.blocks[0].stream_out(x, modality),
+)

@@ -1,6 +1,6 @@
 """Mixture-of-experts library: routers, dispatch/combine, stacked experts, expert parallelism.
 
-Shape letters (as in models/layers.py): G routing groups, S tokens per group, D model
+Shape letters (as in core/layers.py): G routing groups, S tokens per group, D model
 width, F expert hidden width, E experts, C capacity (tokens per expert per group), k top-k,
 P token-expert pairs per group.
 

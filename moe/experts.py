@@ -1,7 +1,7 @@
 """Stacked SwiGLU experts: E independent FFNs whose weights share one leading `expert` axis.
 
 Each expert j computes `FFN_j(x) = (silu(x W_gate[j]) * x W_up[j]) W_down[j]`, the same
-SwiGLU as models/layers.py. Two ways to run all of them at once:
+SwiGLU as core/layers.py. Two ways to run all of them at once:
 
   dense_apply(x_ECD)             every expert on its own [C, D] buffer (one batched einsum
                                  over E); for capacity dispatch and expert parallelism.
@@ -11,8 +11,8 @@ SwiGLU as models/layers.py. Two ways to run all of them at once:
                                  CPU (where XLA lowers ragged_dot to E x the FLOPs).
 
 Parameters are stored in `param_dtype` and cast to `dtype` for the matmuls, as in
-models/layers.py. The stacked axis carries the logical name 'expert' (mapped to the mesh
-axis `expert` by training/sharding.py). No activation sharding constraints are placed here:
+core/layers.py. The stacked axis carries the logical name 'expert' (mapped to the mesh
+axis `expert` by core/partitioning.py). No activation sharding constraints are placed here:
 these methods also run inside the expert-parallel shard_map, where the `expert` mesh axis is
 manual and a constraint naming it would be rejected; the layout of the expert buffers is
 decided by the caller (dispatch / parallel.py).
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import fan_in_init, param
+from core.partitioning import fan_in_init, param
 from moe import grouped
 
 

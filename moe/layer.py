@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import layers
+from core import layers, partitioning
+from core.partitioning import constrain
 from moe import dispatch, parallel, routing
 from moe.experts import Experts
-from training.sharding import constrain
 
 DISPATCH = ('dropless', 'capacity')
 
@@ -69,7 +69,7 @@ class MoELayer(nnx.Module):
   def __init__(self, spec: MoESpec, *, embed_dim: int, dtype, param_dtype, rngs: nnx.Rngs):
     self.spec = spec
     self.dtype = dtype  # compute dtype of the expert matmuls
-    self.router = layers.param(rngs, nnx.initializers.normal(embed_dim ** -0.5 * 0.1),
+    self.router = partitioning.param(rngs, nnx.initializers.normal(embed_dim ** -0.5 * 0.1),
                                (embed_dim, spec.num_experts), ('embed', None), param_dtype)
     self.experts = Experts(num_experts=spec.num_experts, embed_dim=embed_dim,
                            mlp_dim=spec.mlp_dim, dtype=dtype, param_dtype=param_dtype,
@@ -81,7 +81,7 @@ class MoELayer(nnx.Module):
     if spec.residual:
       self.residual_mlp = layers.SwiGLU(embed_dim=embed_dim, mlp_dim=spec.mlp_dim,
                                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-      self.residual_mix = layers.param(rngs, nnx.initializers.zeros, (embed_dim, 2),
+      self.residual_mix = partitioning.param(rngs, nnx.initializers.zeros, (embed_dim, 2),
                                        ('embed', None), param_dtype)
 
   def _groups(self, x_BTD):

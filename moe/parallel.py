@@ -34,9 +34,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from core import partitioning
 from moe import grouped
 from moe.routing import Routing
-from training import sharding
 
 # Dropless layers under expert parallelism, read by moe/layer.py: run_experts:
 #   'auto'     jax.lax.ragged_all_to_all on RAGGED_BACKENDS, the padded all_to_all path
@@ -68,9 +68,9 @@ def expert_parallel_swiglu(buffers_EGCD: jax.Array, w_gate_EDF: jax.Array,
   says: [E, D, F] over ('expert', 'fsdp', 'tensor'), [E, F, D] over ('expert', 'tensor',
   'fsdp'). Output: [E, G, C, D] sharded like the input buffers.
   """
-  buf_spec = sharding.logical_to_spec((None, 'batch', None, None))
-  in_w = sharding.logical_to_spec(('expert', 'embed', 'mlp'))
-  out_w = sharding.logical_to_spec(('expert', 'mlp', 'embed'))
+  buf_spec = partitioning.logical_to_spec((None, 'batch', None, None))
+  in_w = partitioning.logical_to_spec(('expert', 'embed', 'mlp'))
+  out_w = partitioning.logical_to_spec(('expert', 'mlp', 'embed'))
 
   def local(buf, wg, wu, wd):
     wg = jax.lax.all_gather(wg, 'fsdp', axis=1, tiled=True).astype(dtype)
@@ -151,10 +151,10 @@ def ragged_expert_parallel(x_GSD: jax.Array, route: Routing, w_gate_EDF: jax.Arr
     raise ValueError(f'{E} experts do not split over mesh axis expert={n}')
   El = E // n  # experts per device
   assert route.group_size == S and route.token.shape[0] == G, (route.token.shape, S)
-  x_spec = sharding.logical_to_spec(('batch', None, None))
-  pair_spec = sharding.logical_to_spec(('batch', None))
-  in_w = sharding.logical_to_spec(('expert', 'embed', 'mlp'))
-  out_w = sharding.logical_to_spec(('expert', 'mlp', 'embed'))
+  x_spec = partitioning.logical_to_spec(('batch', None, None))
+  pair_spec = partitioning.logical_to_spec(('batch', None))
+  in_w = partitioning.logical_to_spec(('expert', 'embed', 'mlp'))
+  out_w = partitioning.logical_to_spec(('expert', 'mlp', 'embed'))
 
   def local(x, token_GP, expert_GP, weight_GP, valid_GP, wg, wu, wd):
     g = x.shape[0]  # local groups

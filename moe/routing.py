@@ -1,6 +1,7 @@
 """Routers: which experts each token goes to, with what weight, plus routing metrics.
 
-Every router returns `(Routing, metrics)`. A `Routing` is a list of token->expert PAIRS per
+Every router returns `(Routing, metrics)` (also MoMa's modality-group routing,
+moe/modality.py, and the mixture-of-depths router, moe/depth.py). A `Routing` is a list of token->expert PAIRS per
 routing group, in PRIORITY order (capacity-based dispatch admits pairs first-come in this
 order, so e.g. batch-prioritised routing just orders its pairs by score):
 
@@ -61,6 +62,10 @@ class Routing:
   valid: jax.Array  # bool [G, P]
   num_experts: int = flax.struct.field(pytree_node=False)  # E
   group_size: int = flax.struct.field(pytree_node=False)  # S
+  # Static bounds a router may know (moe/modality.py): valid pairs of one expert / of all
+  # experts in a routing group (None: not known, dispatch uses its own).
+  max_per_expert: int | None = flax.struct.field(pytree_node=False, default=None)
+  max_valid: int | None = flax.struct.field(pytree_node=False, default=None)
 
 
 Metrics = dict[str, jax.Array]

@@ -7,8 +7,9 @@ import numpy as np
 from flax import nnx
 
 from configs import dense
+from core import partitioning
 from data import tokenizer
-from training import sharding, state as state_lib, step as step_lib
+from training import state as state_lib, step as step_lib
 
 
 def tiny_config(base=None, **overrides):
@@ -58,11 +59,11 @@ def random_batch(batch_size, seq_len, seed=0):
 
 def loss_and_grads(config, devices):
   """Loss, gradients (pure dict) and params of a fresh init on a mesh over `devices`."""
-  mesh = sharding.make_mesh(config.mesh, devices=devices)
+  mesh = partitioning.make_mesh(config.mesh, devices=devices)
   layout = state_lib.state_layout(config, mesh)
   state = state_lib.init_state(config, layout)
-  batch = sharding.shard_batch(random_batch(config.batch_size, config.seq_len),
-                               sharding.batch_sharding(mesh))
+  batch = partitioning.shard_batch(random_batch(config.batch_size, config.seq_len),
+                               partitioning.batch_sharding(mesh))
   fn = functools.partial(step_lib.loss_fn, graphdef=layout.graphdef, num_modalities=2)
   grad_fn = jax.jit(jax.value_and_grad(lambda p, b: fn(p, batch=b)[0]))
   with jax.set_mesh(mesh):

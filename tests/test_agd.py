@@ -1,4 +1,4 @@
-"""AGD task schedules (training/agd.py): frequencies, exact cycle order, resume, validation."""
+"""AGD task schedules (projects/imp/schedules.py): frequencies, exact cycle order, resume, validation."""
 
 import fractions
 import json
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from training import agd
-from training.agd import Task
+from projects.imp import schedules as agd
+from projects.imp.schedules import Task
 
 SAMPLE_TASKS = [Task('img', weight=5.0), Task('vid', weight=3.0), Task('txt', weight=2.0)]
 CYCLE_TASKS = [Task('a', interval=1), Task('b', interval=2), Task('c', interval=3)]

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from configs import common, dense
+from core import partitioning
 from models import transformer
-from training import sharding, state as state_lib, step as step_lib
+from training import state as state_lib, step as step_lib
 
 SIZES_AND_MESHES = [
     ('small', {'data': 2, 'fsdp': 2, 'tensor': 2}),
@@ -28,7 +29,7 @@ def test_abstract_state_and_step(size, mesh_sizes):
   for axis, n in mesh_sizes.items():
     config.mesh[axis] = n
   config.batch_size = 8  # tracing only; keep the abstract batch small
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = partitioning.make_mesh(config.mesh)
   layout = state_lib.state_layout(config, mesh)
 
   params = layout.abstract['params']
@@ -45,7 +46,7 @@ def test_abstract_state_and_step(size, mesh_sizes):
   assert per_device == (total - norms) // split + norms
 
   batch = {k: jax.ShapeDtypeStruct((config.batch_size, config.seq_len), dtype,
-                                   sharding=sharding.batch_sharding(mesh))
+                                   sharding=partitioning.batch_sharding(mesh))
            for k, dtype in (('tokens', np.int32), ('targets', np.int32),
                             ('modality', np.int32), ('target_modality', np.int32),
                             ('loss_mask', np.float32))}

@@ -2,12 +2,14 @@
 by step without saving the bad state. Restore onto other meshes, kill -9 and bad
 checkpoints: tests/test_fault_tolerance.py."""
 
+import json
 import re
 
 import pytest
 
-from training import checkpoint, loop, metrics
+from configs import dense, imp
 from tests.helpers import tiny_config
+from training import checkpoint, loop, metrics
 
 
 def _config(data_dir, **overrides):
@@ -40,3 +42,14 @@ def test_non_finite_loss_stops_by_step_without_saving_bad_state(data_dir, tmp_pa
   bad_step = int(re.search(r'at step (\d+)', str(err.value)).group(1))
   saved = checkpoint.Checkpointer(str(tmp_path)).all_steps()
   assert saved and max(saved) < bad_step, (saved, bad_step)
+
+
+def test_keys_added_since_a_checkpoint_read_as_what_their_absence_meant():
+  """A checkpoint written before `trainer` and `data.codebook` existed resumes unchanged."""
+  for config, trainer in ((dense.get_config('tiny'), 'decoder'), (imp.get_config('tiny'), 'imp')):
+    saved = json.loads(config.to_json())
+    del saved['trainer'], saved['data']['codebook']
+    assert checkpoint.config_changes(saved, config) == []
+    config.trainer = 'decoder' if trainer == 'imp' else 'imp'
+    assert checkpoint.config_changes(saved, config) == [
+        f"trainer: {trainer!r} -> {config.trainer!r}"]

@@ -17,6 +17,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# pylint: disable=wrong-import-position
+import trainers  # noqa: E402,F401  (registers every trainer's model, as train.py does)
+from core import partitioning  # noqa: E402
+from training import checkpoint, state as state_lib  # noqa: E402
 PATH = os.path.join(ROOT, 'tests', 'checkpoint_trees.json')
 CONFIGS = ('dense:tiny', 'moe:tiny', 'moe:tiny,router=expert_choice,every=1', 'moma:tiny',
            'moma:tiny,stage=aux', 'moma:tiny,groups=1t1i', 'moma:tiny,mod=1',
@@ -26,10 +30,9 @@ CONFIGS = ('dense:tiny', 'moe:tiny', 'moe:tiny,router=expert_choice,every=1', 'm
 
 def state_tree(arg: str) -> dict[str, str]:
   """{'params/blocks/0/attn/wq': 'float32[128,4,32]', ...} of config `arg` on one device."""
-  from training import checkpoint, sharding, state as state_lib
   family, _, variant = arg.partition(':')
   config = importlib.import_module(f'configs.{family}').get_config(variant)
-  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  mesh = partitioning.make_mesh(config.mesh, devices=jax.devices()[:1])
   layout = state_lib.state_layout(config, mesh)
   return {path: f'{leaf.dtype}{list(leaf.shape)}'.replace(' ', '')
           for path, leaf in sorted(checkpoint._by_path(layout.abstract).items())}

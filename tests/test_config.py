@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from configs import common, dense
-from training.validate import validate
 from tests.helpers import tiny_config
+from training.validate import validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from configs import moe
-from training import checkpoint, loop, metrics
 from tests.helpers import tiny_config
+from training import checkpoint, loop, metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

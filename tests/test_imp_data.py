@@ -1,4 +1,4 @@
-"""data/imp_tasks.py: each IMP task's batches (shapes, contents, resolution, resume, process
+"""projects/imp/tasks.py: each IMP task's batches (shapes, contents, resolution, resume, process
 rows) and its bad task specs."""
 
 import json
@@ -7,7 +7,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from data import imp_tasks, shapes, tokenizer
+from data import shapes, tokenizer
+from projects.imp import tasks as imp_tasks
 from tests.test_data import make_cfg, take
 
 

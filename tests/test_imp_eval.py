@@ -1,4 +1,4 @@
-"""IMP evaluation (training/imp_eval.py): eval.json `tasks` equals a per-example reference
+"""IMP evaluation (projects/imp/evaluate.py): eval.json `tasks` equals a per-example reference
 computed without batching or sharding, and a short run of `configs/imp.py:tiny` (shrunk)
 through train.py and eval.py beats chance on every task."""
 
@@ -12,10 +12,13 @@ import jax
 import numpy as np
 from flax import nnx
 
-from data import imp_tasks, shapes
-from models import imp
-from training import imp_eval, imp_loop, sharding, state as state_lib
+from core import partitioning
+from data import shapes
+from projects.imp import tasks as imp_tasks
 from tests.test_imp_train import small
+from projects.imp import evaluate as imp_eval
+from projects.imp import train as imp_loop
+from training import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,7 +94,7 @@ def test_tasks_equal_a_per_example_reference(data_dir):
   config = small(data_dir)
   config.eval.batch_size, config.eval.num_examples = 8, 20  # 2 batches: 16 examples
   config.eval.zeroshot_prompts = ('a {}', 'the {} in the picture')
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = partitioning.make_mesh(config.mesh)
   layout = state_lib.state_layout(config, mesh)
   params = state_lib.init_state(config, layout)['params']
   tasks = imp_eval.evaluate_tasks(config, mesh, layout.graphdef, params)
@@ -149,7 +152,7 @@ def test_a_dataset_without_labels_gets_retrieval_but_no_zero_shot(data_dir):
                               'eval.num_examples': 16})
   for name in ('caption', 'classify16', 'classify32'):
     del config.tasks[name]
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = partitioning.make_mesh(config.mesh)
   layout = state_lib.state_layout(config, mesh)
   params = state_lib.init_state(config, layout)['params']
   tasks = imp_eval.evaluate_tasks(config, mesh, layout.graphdef, params)

@@ -1,4 +1,4 @@
-"""IMP model (models/imp.py): multi-resolution embedders, the losses against numpy, the
+"""IMP model (projects/imp/model.py): multi-resolution embedders, the losses against numpy, the
 prefix-LM mask, gradients reaching only a task's own modules, MoE in the last layers."""
 
 import dataclasses
@@ -11,10 +11,11 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from core import partitioning
 from data import tokenizer
-from models import imp
+from projects.imp import losses as imp_losses
+from projects.imp import model as imp
 from moe import layer as moe_layer, routing
-from training import sharding
 
 SPEC = imp.IMPSpec(embed_dim=16, num_layers=2, num_heads=2, head_dim=8, mlp_dim=32,
                    classifiers=(('shapes', 6),), patch_size=4, max_text_len=16,
@@ -42,7 +43,7 @@ def _batches():
   return {
       'classify': {'image': _images(2, 16), 'label': jnp.array([1, 4])},
       'contrastive': {'image': _images(2, 16), 'text': text, 'text_mask': text_mask},
-      'caption': {'image': _images(2, 16), **imp.caption_inputs(text)},
+      'caption': {'image': _images(2, 16), **imp_losses.caption_inputs(text)},
   }
 
 
@@ -86,7 +87,7 @@ def test_contrastive_loss_matches_numpy():
     l = l - l.max(axis=1, keepdims=True)
     return np.mean(np.log(np.exp(l).sum(axis=1)) - np.diag(l))
   want = 0.5 * (ce(logits) + ce(logits.T))
-  loss, metrics = imp.contrastive_loss(jnp.asarray(img, jnp.float32),
+  loss, metrics = imp_losses.contrastive_loss(jnp.asarray(img, jnp.float32),
                                        jnp.asarray(txt, jnp.float32), log_temp)
   np.testing.assert_allclose(loss, want, rtol=1e-5)
   labels = np.arange(5)
@@ -100,11 +101,11 @@ def test_contrastive_loss_matches_numpy():
 
 def test_classification_and_caption_losses_match_numpy():
   logits = np.array([[2.0, 0.0, -1.0], [0.0, 1.0, 3.0]])
-  loss, m = imp.classification_loss(jnp.asarray(logits), jnp.array([0, 1]))
+  loss, m = imp_losses.classification_loss(jnp.asarray(logits), jnp.array([0, 1]))
   lse = np.log(np.exp(logits).sum(1))
   np.testing.assert_allclose(loss, np.mean(lse - logits[[0, 1], [0, 1]]), rtol=1e-6)
   assert m['accuracy'] == 0.5
-  loss, m = imp.caption_loss(jnp.asarray(logits[None]), jnp.array([[0, 2]]),
+  loss, m = imp_losses.caption_loss(jnp.asarray(logits[None]), jnp.array([[0, 2]]),
                              jnp.array([[False, True]]))
   np.testing.assert_allclose(loss, lse[1] - 3.0, rtol=1e-6)
   assert m['token_accuracy'] == 1.0 and m['num_tokens'] == 1.0
@@ -128,11 +129,11 @@ def _grads(model, kind, batch):
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def loss_fn(p):
-    return imp.task_loss(nnx.merge(graphdef, p, rest), kind, batch)[0]
+    return imp_losses.task_loss(nnx.merge(graphdef, p, rest), kind, batch)[0]
   return jax.jit(jax.grad(loss_fn))(params)
 
 
-@pytest.mark.parametrize('kind', sorted(imp.TASKS))
+@pytest.mark.parametrize('kind', sorted(imp_losses.TASKS))
 def test_task_loss_reaches_only_its_modules(kind):
   model = imp.IMPModel(SPEC, rngs=nnx.Rngs(2))
   grads = _grads(model, kind, _batches()[kind])
@@ -143,7 +144,7 @@ def test_task_loss_reaches_only_its_modules(kind):
   assert set(norms) == {'image_embed', 'text_embed', 'encoder', 'classifiers', 'image_proj',
                         'text_proj', 'log_temp', 'caption_head'}
   reached = {k for k, v in norms.items() if v > 0}
-  assert reached == set(imp.TASK_MODULES[kind]), norms
+  assert reached == set(imp_losses.TASK_MODULES[kind]), norms
 
 
 def test_moe_in_last_layer_only():
@@ -154,7 +155,7 @@ def test_moe_in_last_layer_only():
   assert expert_paths and all(p[:3] == ('encoder', 'blocks', 1) for p in expert_paths)
   w = model.encoder.blocks[1].ffn.experts.w_gate
   assert w.shape[0] == 4 and w.get_metadata()['out_sharding'][0] == 'expert'
-  step = nnx.jit(imp.task_loss, static_argnums=1)
+  step = nnx.jit(imp_losses.task_loss, static_argnums=1)
   for kind, batch in _batches().items():
     loss, metrics = step(model, kind, batch, jax.random.key(0))
     assert np.isfinite(loss), kind
@@ -199,17 +200,17 @@ def test_check_spec_rejects_bad_specs(overrides, message):
 def test_task_loss_rejects_unknown_kind_and_missing_keys():
   model = imp.IMPModel(SPEC, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="unknown IMP task kind 'vqa'"):
-    imp.task_loss(model, 'vqa', {})
+    imp_losses.task_loss(model, 'vqa', {})
   with pytest.raises(ValueError, match=r"batch lacks \['text_mask'\]"):
-    imp.task_loss(model, 'contrastive', {'image': _images(1, 16), 'text': jnp.ones((1, 4))})
+    imp_losses.task_loss(model, 'contrastive', {'image': _images(1, 16), 'text': jnp.ones((1, 4))})
 
 
 def test_every_parameter_has_a_sharding_rule():
   spec = dataclasses.replace(SPEC, moe=MOE, moe_last=1)
   abstract = nnx.eval_shape(lambda: imp.IMPModel(spec, rngs=nnx.Rngs(0)))
-  mesh = jax.make_mesh((2, 1, 2, 2), sharding.MESH_AXES,
+  mesh = jax.make_mesh((2, 1, 2, 2), partitioning.MESH_AXES,
                        axis_types=(jax.sharding.AxisType.Auto,) * 4)
-  specs = dict(nnx.to_flat_state(sharding.tree_shardings(nnx.state(abstract, nnx.Param),
+  specs = dict(nnx.to_flat_state(partitioning.tree_shardings(nnx.state(abstract, nnx.Param),
                                                          mesh)))
   specs = {k: v.get_value().spec for k, v in specs.items()}
   assert specs[('caption_head', 'kernel')] == P('fsdp', 'tensor')

@@ -1,4 +1,4 @@
-"""IMP alternating gradient descent (training/imp_loop.py): compilations per signature,
+"""IMP alternating gradient descent (projects/imp/train.py): compilations per signature,
 masked updates, exact resume, summed baseline, bad configs."""
 
 import os
@@ -10,9 +10,11 @@ import pytest
 from flax import nnx
 
 from configs import imp as imp_config
-from models import imp
-from training import imp_loop, loop, metrics, sharding, state as state_lib
-from training.validate import validate
+from core import partitioning
+from projects.imp import losses as imp_losses
+from projects.imp import train as imp_loop
+from training import metrics, state as state_lib
+from projects.imp.validate import validate
 
 
 def small(data_dir, arg='tiny', **overrides):
@@ -40,12 +42,12 @@ def test_one_compilation_per_signature_and_exact_resume(data_dir, tmp_path):
   and every task's data position restored) equal the straight run's."""
   config = small(data_dir, 'tiny,schedule=cycle', checkpoint_every=7)
   straight, resumed_dir = tmp_path / 'straight', tmp_path / 'resumed'
-  loop.train(config, str(straight), stop_at=10)
+  imp_loop.train(config, str(straight), stop_at=10)
   rows = metrics.read_metrics(str(straight))
   assert [r['train/compilations'] for r in rows][-1] == 4
   assert [r['train/compilations'] for r in rows[:4]] == [1, 2, 3, 4]  # cycle: a, b, c, d
   shutil.copytree(straight / 'checkpoints' / '7', resumed_dir / 'checkpoints' / '7')
-  loop.train(config, str(resumed_dir), stop_at=10)
+  imp_loop.train(config, str(resumed_dir), stop_at=10)
   resumed = {r['step']: r for r in metrics.read_metrics(str(resumed_dir))}
   assert sorted(resumed) == [8, 9, 10]
   for r in rows[7:]:
@@ -56,7 +58,7 @@ def test_one_compilation_per_signature_and_exact_resume(data_dir, tmp_path):
 
 def _one_step(config, kind_task):
   """The state before and after one AGD step on `kind_task`, on one device."""
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  mesh = partitioning.make_mesh(config.mesh, jax.devices()[:1])
   layout = state_lib.state_layout(config, mesh)
   state = state_lib.init_state(config, layout)
   before = jax.tree.map(np.asarray, state)
@@ -81,7 +83,7 @@ def _by_module(tree):
     if 'classifiers' in names:
       module = 'classifiers/' + names[names.index('classifiers') + 1]
     else:
-      module = next((n for n in names if n in sum(imp.TASK_MODULES.values(), ())), None)
+      module = next((n for n in names if n in sum(imp_losses.TASK_MODULES.values(), ())), None)
     if module:
       out.setdefault(module, []).append(leaf)
   return out
@@ -94,7 +96,7 @@ def test_a_step_changes_only_what_the_task_reaches_unless_asked(data_dir, mask):
   config = small(data_dir, f'tiny,mask={int(mask)}', **{'tasks.classify16.head': 'small'})
   config.model.imp.classifiers.small = 6
   before, after = _one_step(config, 'classify32')
-  reached = set(imp.task_modules('classify', 'shapes'))
+  reached = set(imp_losses.task_modules('classify', 'shapes'))
   for part in ('params', 'opt_state'):
     old, new = _by_module(before[part]), _by_module(after[part])
     assert set(old) == {'image_embed', 'text_embed', 'encoder', 'classifiers/shapes',
@@ -112,7 +114,7 @@ def test_a_step_changes_only_what_the_task_reaches_unless_asked(data_dir, mask):
 
 def test_summed_baseline_takes_every_task_each_step(data_dir, tmp_path):
   config = small(data_dir, 'tiny,mode=summed')
-  loop.train(config, str(tmp_path), stop_at=2)
+  imp_loop.train(config, str(tmp_path), stop_at=2)
   rows = metrics.read_metrics(str(tmp_path))
   assert rows[-1]['train/compilations'] == 1
   for name in config.tasks:

@@ -5,8 +5,8 @@ stays above the exact floor (data/floor.py) by more than its standard error."""
 import pytest
 
 from configs import dense, moe, moma, mot
-from training import evaluate, loop
 from tests.helpers import tiny_config
+from training import evaluate, loop
 
 FAMILIES = {'dense': dense.get_config, 'moe': moe.get_config, 'moma': moma.get_config,
             'mot': mot.get_config}

@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models import layers, transformer
+from core import layers
+
+from models import transformer
 
 SPEC = transformer.DecoderSpec(vocab_size=384, num_layers=2, embed_dim=32, num_heads=4,
                                num_kv_heads=2, head_dim=8, mlp_dim=64)

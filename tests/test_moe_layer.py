@@ -10,10 +10,11 @@ import pytest
 from flax import nnx
 
 from configs import moe as moe_config
+from core import partitioning
 from moe import layer as moe_layer, routing
-from training import sharding, state as state_lib, step as step_lib
-from training.validate import validate
 from tests.helpers import loss_and_grads, random_batch, tiny_config
+from training import state as state_lib, step as step_lib
+from training.validate import validate
 
 
 def moe_tiny(**overrides):
@@ -32,7 +33,7 @@ MESHES = [(1, 1, 8, 1), (2, 1, 4, 1), (4, 1, 2, 1), (1, 2, 2, 2)]
 
 @pytest.mark.parametrize('shape', MESHES, ids=lambda s: 'x'.join(map(str, s)))
 def test_expert_parallel_equals_single_device(shape, reference):
-  config = moe_tiny(**{f'mesh.{a}': s for a, s in zip(sharding.MESH_AXES, shape)})
+  config = moe_tiny(**{f'mesh.{a}': s for a, s in zip(partitioning.MESH_AXES, shape)})
   loss, grads, params = loss_and_grads(config, jax.devices())
   np.testing.assert_allclose(loss, reference[0], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
@@ -45,9 +46,9 @@ def test_expert_parallel_equals_single_device(shape, reference):
 
 def test_expert_parallel_step_uses_all_to_all():
   config = moe_tiny(**{'mesh.data': 2, 'mesh.expert': 4})
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = partitioning.make_mesh(config.mesh)
   layout = state_lib.state_layout(config, mesh)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=partitioning.batch_sharding(mesh))
            for k, v in random_batch(config.batch_size, config.seq_len).items()}
   step = functools.partial(step_lib.train_step, graphdef=layout.graphdef, tx=layout.tx,
                            num_modalities=2)

@@ -10,10 +10,11 @@ import pytest
 from flax import nnx
 
 from configs import moma as moma_config
+from core import partitioning
 from models import mod as mod_lib, moma
 from moe import dispatch
-from training import sharding, state as state_lib, step as step_lib
 from tests.helpers import loss_and_grads, random_batch, tiny_config
+from training import state as state_lib, step as step_lib
 
 TEXT, IMAGE = 0, 1
 
@@ -77,8 +78,8 @@ def test_capacity_per_group_follows_the_config():
   layer = ffn(groups=(('text', 3), ('image', 2)), capacity=(1 / 3, 0.5))
   x, modality = inputs(B=3, T=40)
   logits = jnp.einsum('BTD,DE->BTE', x, layer.router[...])
-  route, bound, _, _ = moma.route(layer.spec, logits, modality,
-                                  jnp.ones(modality.shape, bool))
+  route, _ = moma.route(layer.spec, logits, modality, jnp.ones(modality.shape, bool))
+  bound = route.max_per_expert
   sel = np.asarray(moma.selection(route))
   for b in range(3):
     b_text, b_image = int((modality[b] == 0).sum()), int((modality[b] == 1).sum())
@@ -196,7 +197,7 @@ def test_aux_routing_is_causal_and_batch_routing_is_not(arg):
 
 def test_aux_stage_trains_only_the_aux_routers():
   c = moma_tiny('tiny,mod=1,stage=aux', **{'mesh.data': 1})
-  mesh = sharding.make_mesh(c.mesh, devices=jax.devices()[:1])
+  mesh = partitioning.make_mesh(c.mesh, devices=jax.devices()[:1])
   layout = state_lib.state_layout(c, mesh)
   state = state_lib.init_state(c, layout)
   batch = {k: jnp.asarray(v) for k, v in random_batch(c.batch_size, c.seq_len).items()}
@@ -222,7 +223,7 @@ def test_sharded_equals_unsharded(shape):
       moma_tiny('tiny,mod=1', **over, **{'mesh.data': 1}), jax.devices()[:1])
   loss, grads, _ = loss_and_grads(
       moma_tiny('tiny,mod=1', **over, **{f'mesh.{a}': s for a, s in
-                                         zip(sharding.MESH_AXES, shape)}), jax.devices())
+                                         zip(partitioning.MESH_AXES, shape)}), jax.devices())
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
                grads, ref_grads)
@@ -267,8 +268,8 @@ def test_valid_pair_bound_holds_so_the_dropless_truncation_loses_nothing(groups,
   for causal in (False, True):
     aux = ({i: jnp.full(logits.shape[:2] + (layer.spec.groups[i].experts,), 1.0)
             for i in layer.spec.aux_groups()} if causal else None)  # every aux router fires
-    route, _, bound, _ = moma.route(layer.spec, logits, modality, jnp.ones((3, 30), bool),
-                                    aux)
+    route, _ = moma.route(layer.spec, logits, modality, jnp.ones((3, 30), bool), aux)
+    bound = route.max_valid
     assert int(jnp.max(jnp.sum(route.valid, axis=1))) <= bound <= route.valid.shape[1]
   y_full, _ = dispatch.dropless_dispatch_combine(x, route, layer.experts)
   y_cut, _ = dispatch.dropless_dispatch_combine(x, route, layer.experts, max_valid=bound)

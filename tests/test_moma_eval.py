@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from configs import moma as moma_config
-from training import evaluate, plots, sharding, warm_start
+from core import partitioning
+from training import evaluate, plots, warm_start
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODALITIES = ('text', 'image')
@@ -146,7 +147,7 @@ def test_train_aux_stage_then_eval_reports_causal_loss_and_loads(data_dir, tmp_p
 
   # A main model that moved on since the aux stage started: no causal pass, a note instead.
   config = _config()
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = partitioning.make_mesh(config.mesh)
   _, main_params, _, step = warm_start.restore_params(str(tmp_path), mesh)
   params, aux_step, note = evaluate.load_aux_params(str(tmp_path), main_params, step, mesh)
   assert params is not None and aux_step == 4 and note is None

@@ -8,10 +8,11 @@ import pytest
 from flax import nnx
 
 from configs import dense, mot as mot_config
+from core import partitioning
 from data import tokenizer
 from models import mot
-from training import sharding, state as state_lib, step as step_lib
 from tests.helpers import loss_and_grads, random_batch, tiny_config
+from training import state as state_lib, step as step_lib
 
 
 def mot_tiny(arg='tiny', **overrides):
@@ -166,7 +167,7 @@ def test_sharded_equals_unsharded(arg, shape):
   ref_loss, ref_grads, _ = loss_and_grads(mot_tiny(arg, **{'mesh.data': 1}),
                                           jax.devices()[:1])
   loss, grads, _ = loss_and_grads(
-      mot_tiny(arg, **{f'mesh.{a}': s for a, s in zip(sharding.MESH_AXES, shape)}),
+      mot_tiny(arg, **{f'mesh.{a}': s for a, s in zip(partitioning.MESH_AXES, shape)}),
       jax.devices())
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),

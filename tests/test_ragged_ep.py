@@ -13,10 +13,10 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from core import partitioning
 from moe import layer, parallel
 from moe.experts import Experts
 from moe.routing import Routing
-from training import sharding
 
 G, S, D, F, E, K = 8, 8, 8, 16, 8, 2  # G splits over 8 batch shards; D over fsdp, F over tensor
 
@@ -103,7 +103,7 @@ def loss_fn(graphdef, route, ct):
 
 
 def mesh_of(shape):
-  return sharding.make_mesh(ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, shape))))
+  return partitioning.make_mesh(ml_collections.ConfigDict(dict(zip(partitioning.MESH_AXES, shape))))
 
 
 MESHES = [(1, 1, 8, 1), (2, 1, 4, 1), (4, 1, 2, 1), (1, 2, 2, 2)]  # data, fsdp, expert, tensor

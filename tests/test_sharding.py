@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from training import sharding
+from core import partitioning
 from tests.helpers import loss_and_grads, tiny_config
 
 MESHES = [(1, 1, 1, 1), (8, 1, 1, 1), (2, 4, 1, 1), (2, 1, 1, 4), (1, 2, 2, 2)]
@@ -20,7 +20,7 @@ def reference():
 
 @pytest.mark.parametrize('shape', MESHES, ids=lambda s: 'x'.join(map(str, s)))
 def test_sharded_loss_and_grads_equal_single_device(shape, reference):
-  config = tiny_config(**{f'mesh.{a}': s for a, s in zip(sharding.MESH_AXES, shape)})
+  config = tiny_config(**{f'mesh.{a}': s for a, s in zip(partitioning.MESH_AXES, shape)})
   devices = jax.devices()[:int(np.prod(shape))]
   loss, grads, params = loss_and_grads(config, devices)
   ref_loss, ref_grads = reference
@@ -34,9 +34,9 @@ def test_sharded_loss_and_grads_equal_single_device(shape, reference):
 
 
 def test_rules_table_maps_each_mesh_axis_once():
-  assert sharding.logical_to_spec(('batch', 'length', 'act_embed')) == \
+  assert partitioning.logical_to_spec(('batch', 'length', 'act_embed')) == \
       jax.sharding.PartitionSpec(('data', 'fsdp', 'expert'), None, None)
   with pytest.raises(ValueError, match='twice'):
-    sharding.logical_to_spec(('batch', 'embed'))  # fsdp used by both
+    partitioning.logical_to_spec(('batch', 'embed'))  # fsdp used by both
   with pytest.raises(KeyError, match='no rule'):
-    sharding.logical_to_spec(('nonexistent',))
+    partitioning.logical_to_spec(('nonexistent',))

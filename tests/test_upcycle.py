@@ -8,10 +8,11 @@ import pytest
 from flax import nnx
 
 from configs import moe as moe_configs, moma
+from core import partitioning
 from data import pipeline
 from models import moma as moma_lib, upcycle
-from training import checkpoint, loop, metrics, sharding, state as state_lib, warm_start
 from tests.helpers import random_batch, tiny_config
+from training import checkpoint, loop, metrics, state as state_lib, warm_start
 
 WIDTH = 128  # tiny_config's model.mlp_dim: the experts take the dense FFN's width
 
@@ -141,7 +142,7 @@ def source(data_dir, tmp_path_factory):
               **{'data.data_dir': data_dir, **SMALL})
   loop.train(cfg, src_dir)
   ckpt = checkpoint.Checkpointer(src_dir)
-  data = ckpt.restore(4, state_lib.state_layout(cfg, sharding.make_mesh(cfg.mesh)).abstract)[1]
+  data = ckpt.restore(4, state_lib.state_layout(cfg, partitioning.make_mesh(cfg.mesh)).abstract)[1]
   ckpt.close()
   return src_dir, cfg, data
 
@@ -161,7 +162,7 @@ def test_upcycled_run_keeps_data_position_and_restarts_schedule(source, tmp_path
                   **{'data.data_dir': src_cfg.data.data_dir, 'mesh.data': 1,
                      'mesh.expert': 8, **SMALL})
   assert new_cfg.model.moma.gumbel
-  layout = state_lib.state_layout(new_cfg, sharding.make_mesh(new_cfg.mesh))
+  layout = state_lib.state_layout(new_cfg, partitioning.make_mesh(new_cfg.mesh))
   state, data_state, step = warm_start.upcycle_state(new_cfg, layout)
   assert (step, data_state, int(state['step']), _counts(state['opt_state'])) == (
       4, src_data, 0, {0})  # fresh optimizer and LR schedule, the source's data position

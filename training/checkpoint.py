@@ -48,9 +48,18 @@ def _flatten(d: dict, prefix: str = '') -> dict:
   return out
 
 
+# Keys added after checkpoints were written without them: what their absence meant (so a
+# checkpoint of an older config resumes with the value that reproduces it).
+LEGACY_DEFAULTS = {
+    'trainer': lambda saved: 'imp' if saved.get('model.family') == 'imp' else 'decoder',
+    'data.codebook': lambda saved: 'rgb64',
+}
+
+
 def config_changes(saved: dict, config) -> list[str]:
   """'key: saved -> now' for each key that differs, other than RESUMABLE_KEYS."""
   a, b = _flatten(saved), _flatten(json.loads(config.to_json()))
+  a.update({k: default(a) for k, default in LEGACY_DEFAULTS.items() if k not in a})
   free = lambda k: any(k == r or k.startswith(r + '.') for r in RESUMABLE_KEYS)  # noqa: E731
   return [f'{k}: {a.get(k, "<absent>")!r} -> {b.get(k, "<absent>")!r}'
           for k in sorted(set(a) | set(b)) if not free(k) and a.get(k) != b.get(k)]

@@ -1,6 +1,6 @@
-"""Evaluation of the latest checkpoint in a workdir -> `WORKDIR/eval.json` + plots.
-(IMP runs: training/imp_eval.py writes eval.json `tasks`; the rest of this docstring is the
-decoder families'.)
+"""The decoder trainer's evaluation of the latest checkpoint in a workdir -> `WORKDIR/eval.json`
++ plots. Evaluators by name (EVALUATORS: 'lm', 'causal'); a family lists the ones it reports
+(models/families.py). (IMP: projects/imp/evaluate.py writes eval.json `tasks`.)
 
 eval.json:
   {"step": N,
@@ -54,14 +54,18 @@ import functools
 import json
 import math
 import os
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
+from core import partitioning
 from data import pipeline, tokenizer
-from training import checkpoint, plots, sharding, state as state_lib, step as step_lib
+from models import families
+from training import checkpoint, plots, stages, state as state_lib, step as step_lib
 from training import warm_start
 from training.validate import validate
 
@@ -118,17 +122,24 @@ def routing_report(aux: dict[str, np.ndarray], *, modality_names=None,
   """
   layers = _layer_entries(aux, modality_names, expert_names)
   if causal_aux is not None:
-    for index, causal in _layer_entries(causal_aux, modality_names, expert_names).items():
-      entry = layers.setdefault(index, {'layer': index})
-      entry.update({f'causal_{k}': causal[k] for k in CAUSAL_KEYS if k in causal})
+    merge_causal(layers, causal_aux, modality_names, expert_names)
   return {'layers': [layers[i] for i in sorted(layers)]}
 
 
+def merge_causal(layers: dict[int, dict], causal_aux, modality_names, expert_names) -> None:
+  """Adds the causal pass's `causal_load` / `causal_mod_selected_fraction` to the layer
+  entries {layer index: entry}."""
+  for index, causal in _layer_entries(causal_aux, modality_names, expert_names).items():
+    entry = layers.setdefault(index, {'layer': index})
+    entry.update({f'causal_{k}': causal[k] for k in CAUSAL_KEYS if k in causal})
+
+
 def _main_weights(params) -> dict[str, jax.Array]:
-  """Every parameter but the auxiliary routers, by path."""
+  """Every parameter the main stage trains (not the auxiliary routers), by path."""
+  main = stages.STAGES['main']
   return {jax.tree_util.keystr(path): leaf
           for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-          if not state_lib.is_aux_router(path)}
+          if main.trains(state_lib.param_path(path))}
 
 
 def stale_reason(main_params, aux_params, mesh) -> str | None:
@@ -148,7 +159,7 @@ def stale_reason(main_params, aux_params, mesh) -> str | None:
 
 def load_aux_params(workdir: str, main_params, main_step: int, mesh):
   """-> (aux params or None, aux step or None, note or None) for the causal pass."""
-  aux_dir = os.path.join(workdir, warm_start.AUX_DIR)
+  aux_dir = os.path.join(workdir, stages.STAGES['aux'].subdir)
   if not os.path.isdir(os.path.join(aux_dir, 'checkpoints')):  # don't create it
     logging.info('no aux run in %s: no causal evaluation (train it with stage=aux)', aux_dir)
     return None, None, None
@@ -228,7 +239,7 @@ class _Totals:
 
 def restore_latest(config, workdir: str):
   """-> (mesh, state layout, state, step) of the newest checkpoint in `workdir`."""
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = partitioning.make_mesh(config.mesh)
   layout = state_lib.state_layout(config, mesh)
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.max_checkpoints)
   try:
@@ -243,98 +254,136 @@ def restore_latest(config, workdir: str):
   return mesh, layout, state, int(step)
 
 
-def _write(workdir: str, report: dict) -> None:
+def write_report(workdir: str, report: dict) -> None:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'eval.json'), 'w') as f:
       json.dump(report, f, indent=1)
 
 
+class EvalContext(NamedTuple):
+  """What every evaluator of one eval.py run reads."""
+  config: Any
+  workdir: str
+  mesh: Any
+  layout: state_lib.StateLayout
+  params: Any
+  step: int
+  expert_names: list[str] | None  # the family's, for per-modality loads (MoMa)
+
+
+class LMEval:
+  """'lm': per-modality loss, accuracy, unigram loss, floor and excess (embedded datasets),
+  and the routing metrics of routed layers, with the training-time (batch) routing."""
+
+  def __init__(self, ctx: EvalContext):
+    self.ctx, self.names = ctx, tokenizer.MODALITIES
+    self.fn = jax.jit(functools.partial(step_lib.eval_step, graphdef=ctx.layout.graphdef,
+                                        num_modalities=len(self.names)))
+    self.totals = _Totals(len(self.names))
+    self.unigram = np.zeros((len(self.names), ctx.config.model.vocab_size))
+
+  def add(self, batch, device_batch) -> None:
+    self.totals.add(*jax.device_get(self.fn(self.ctx.params, device_batch)))
+    mask = batch['loss_mask'] > 0
+    for i in range(len(self.names)):
+      sel = mask & (batch['target_modality'] == i)
+      self.unigram[i] += np.bincount(batch['targets'][sel], minlength=self.unigram.shape[1])
+
+  def finish(self, report: dict) -> None:
+    # Every process saw its own slice; the device sums are global, the host counts are not.
+    unigram = self.unigram
+    if jax.process_count() > 1:
+      unigram = np.asarray(multihost_utils.process_allgather(unigram)).sum(0)
+    sums = self.totals.sums
+    for i, name in enumerate(self.names):
+      n = sums['count'][i]
+      if n:
+        report['modalities'][name] = {
+            'loss': float(sums['loss_sum'][i] / n), 'unigram_loss': unigram_entropy(unigram[i]),
+            'accuracy': float(sums['correct'][i] / n), 'tokens': int(n)}
+    floor_note = pipeline.floor_support(self.ctx.config.data)
+    if floor_note is None:
+      floors, violations = floor_report({k.removeprefix('floor/'): v for k, v in sums.items()
+                                         if k.startswith('floor/')}, self.names)
+      for name, entry in report['modalities'].items():
+        entry.update(floors[name])
+      if violations:
+        report['floor_violations'] = violations
+    else:
+      report['floor_note'] = floor_note
+    if self.totals.routing:
+      report['routing'] = routing_report(self.totals.routing_mean(), modality_names=self.names,
+                                         expert_names=self.ctx.expert_names)
+
+
+class CausalEval:
+  """'causal' (families with auxiliary routers): the model once more with `causal=True`,
+  each token routed by the aux stage's routers alone (WORKDIR/aux), when that run holds the
+  main checkpoint's model: `causal_loss`, `causal_accuracy`, `causal_excess` per modality,
+  `causal_load`, `causal_mod_selected_fraction` per routed layer; else a note why not."""
+
+  def __init__(self, ctx: EvalContext):
+    self.ctx, self.names = ctx, tokenizer.MODALITIES
+    self.params, self.aux_step, self.note = load_aux_params(ctx.workdir, ctx.params, ctx.step,
+                                                            ctx.mesh)
+    self.fn = jax.jit(functools.partial(step_lib.eval_step, graphdef=ctx.layout.graphdef,
+                                        num_modalities=len(self.names), causal=True))
+    self.totals = _Totals(len(self.names))
+
+  def add(self, batch, device_batch) -> None:
+    del batch
+    if self.params is not None:
+      self.totals.add(*jax.device_get(self.fn(self.params, device_batch)))
+
+  def finish(self, report: dict) -> None:
+    if self.params is not None:
+      sums = self.totals.sums
+      for i, name in enumerate(self.names):
+        entry = report['modalities'].get(name)
+        if entry is not None:
+          entry['causal_loss'] = float(sums['loss_sum'][i] / sums['count'][i])
+          entry['causal_accuracy'] = float(sums['correct'][i] / sums['count'][i])
+          if 'floor' in entry:
+            entry['causal_excess'] = entry['causal_loss'] - entry['floor']
+      layers = {e['layer']: e for e in report.setdefault('routing', {'layers': []})['layers']}
+      merge_causal(layers, self.totals.routing_mean(), self.names, self.ctx.expert_names)
+      report['routing']['layers'] = [layers[i] for i in sorted(layers)]
+    if self.aux_step is not None:
+      report['aux_step'] = int(self.aux_step)
+    if self.note:
+      report['causal_loss_note'] = self.note
+
+
+EVALUATORS = {'lm': LMEval, 'causal': CausalEval}  # a family's `evaluators` name these
+
+
 def evaluate(config, workdir: str) -> dict:
+  """The decoder trainer's eval: the family's evaluators (models/families.py) over one pass
+  of the eval split -> WORKDIR/eval.json and plots."""
   validate(config, jax.device_count())
   mesh, layout, state, step = restore_latest(config, workdir)
-  if config.model.family == 'imp':
-    from training import imp_eval  # pylint: disable=import-outside-toplevel  (imports us)
-    report = {'step': step, 'tasks': imp_eval.evaluate_tasks(
-        config, mesh, layout.graphdef, state['params'])}
-    _write(workdir, report)
-    if jax.process_index() == 0:
-      plots.plot_task_curves(workdir)
-    return report
-
-  names = tokenizer.MODALITIES
-  moma = state_lib.model_spec(config).moma
-  expert_names = moma.expert_names() if moma is not None else None
-  aux_params = aux_step = note = None
-  if moma is not None:
-    aux_params, aux_step, note = load_aux_params(workdir, state['params'], int(step), mesh)
-
-  fn_args = dict(graphdef=layout.graphdef, num_modalities=len(names))
-  eval_fn = jax.jit(functools.partial(step_lib.eval_step, **fn_args))
-  causal_fn = jax.jit(functools.partial(step_lib.eval_step, causal=True, **fn_args))
-  batch_sh = sharding.batch_sharding(mesh)
-  totals = _Totals(len(names))
-  causal = _Totals(len(names)) if aux_params is not None else None
-  unigram = np.zeros((len(names), config.model.vocab_size))
-  examples = config.eval.num_examples or None
-  floor_note = pipeline.floor_support(config.data)
+  family = families.get(config.model.family)
+  ctx = EvalContext(config, workdir, mesh, layout, state['params'], step,
+                    family.expert_names(state_lib.model_spec(config)))
+  evaluators = [EVALUATORS[name](ctx) for name in family.evaluators]
+  batch_sh = partitioning.batch_sharding(mesh)
   with jax.set_mesh(mesh):
     for batch in pipeline.make_eval_iterator(
         config.data, seq_len=config.seq_len, batch_size=config.eval.batch_size,
-        num_examples=examples, process_index=jax.process_index(),
-        process_count=jax.process_count(), with_floor=floor_note is None):
-      device_batch = sharding.shard_batch(batch, batch_sh)
-      totals.add(*jax.device_get(eval_fn(state['params'], device_batch)))
-      if causal is not None:
-        causal.add(*jax.device_get(causal_fn(aux_params, device_batch)))
-      mask = batch['loss_mask'] > 0
-      for i in range(len(names)):
-        sel = mask & (batch['target_modality'] == i)
-        unigram[i] += np.bincount(batch['targets'][sel], minlength=unigram.shape[1])
-  # Every process saw its own slice; the device sums are global, the host counts are not.
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    unigram = np.asarray(multihost_utils.process_allgather(unigram)).sum(0)
-
+        num_examples=config.eval.num_examples or None, process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        with_floor=pipeline.floor_support(config.data) is None):
+      device_batch = partitioning.shard_batch(batch, batch_sh)
+      for ev in evaluators:
+        ev.add(batch, device_batch)
   report = {'step': int(step), 'modalities': {}}
-  for i, name in enumerate(names):
-    n = totals.sums['count'][i]
-    if n == 0:
-      continue
-    entry = report['modalities'][name] = {
-        'loss': float(totals.sums['loss_sum'][i] / n),
-        'unigram_loss': unigram_entropy(unigram[i]),
-        'accuracy': float(totals.sums['correct'][i] / n),
-        'tokens': int(n),
-    }
-    if causal is not None:
-      entry['causal_loss'] = float(causal.sums['loss_sum'][i] / n)
-      entry['causal_accuracy'] = float(causal.sums['correct'][i] / n)
-  violations = []
-  if floor_note is None:
-    floors, violations = floor_report(
-        {k.removeprefix('floor/'): v for k, v in totals.sums.items()
-         if k.startswith('floor/')}, names)
-    for name, entry in report['modalities'].items():
-      entry.update(floors[name])
-      if 'causal_loss' in entry:
-        entry['causal_excess'] = entry['causal_loss'] - entry['floor']
-    if violations:
-      report['floor_violations'] = violations
-  else:
-    report['floor_note'] = floor_note
-  if aux_step is not None:
-    report['aux_step'] = int(aux_step)
-  if note:
-    report['causal_loss_note'] = note
-  if totals.routing:
-    report['routing'] = routing_report(
-        totals.routing_mean(), modality_names=names, expert_names=expert_names,
-        causal_aux=causal.routing_mean() if causal is not None else None)
-  _write(workdir, report)
+  for ev in evaluators:
+    ev.finish(report)
+  write_report(workdir, report)
   if jax.process_index() == 0:
-    plots.plot_loss_curves(workdir, names, report)
-    if moma is not None:
+    plots.plot_loss_curves(workdir, tokenizer.MODALITIES, report)
+    if ctx.expert_names is not None:
       plots.plot_routing_load(workdir, report)
-  if violations:
-    raise FloorViolation('; '.join(violations))
+  if report.get('floor_violations'):
+    raise FloorViolation('; '.join(report['floor_violations']))
   return report

@@ -88,25 +88,35 @@ def summarise(step_metrics: list[dict], modality_names) -> dict[str, float]:
 
 
 class Throughput:
-  """Wall-clock rates between log points (steps after compilation only)."""
+  """Wall-clock rates between log points (steps after compilation only). Steps of one size
+  give `tokens_per_step` / `flops_per_step`; steps that differ (IMP's tasks) `count` each."""
 
-  def __init__(self, tokens_per_step: int, flops_per_step: float, total_steps: int):
-    self.tokens_per_step = tokens_per_step
-    self.flops_per_step = flops_per_step
+  def __init__(self, total_steps: int, *, tokens_per_step: int = 0,
+               flops_per_step: float = 0.0):
     self.total_steps = total_steps
-    self._t, self._step = None, None
+    self.tokens_per_step, self.flops_per_step = tokens_per_step, flops_per_step
+    self._t, self._step, self._tokens, self._flops = None, None, 0.0, 0.0
 
   def start(self, step: int) -> None:
-    self._t, self._step = time.perf_counter(), step
+    self._t, self._step, self._tokens, self._flops = time.perf_counter(), step, 0.0, 0.0
+
+  def count(self, tokens: float, flops: float) -> None:
+    """One step of its own size (since the last `measure`)."""
+    self._tokens += tokens
+    self._flops += flops
 
   def measure(self, step: int) -> dict[str, float]:
     now = time.perf_counter()
-    steps = step - self._step
-    dt = (now - self._t) / max(steps, 1)
-    self._t, self._step = now, step
+    steps = max(step - self._step, 1)
+    elapsed = now - self._t
+    tokens = self._tokens or self.tokens_per_step * steps
+    flops = self._flops or self.flops_per_step * steps
+    self.start(step)
+    self._t = now
+    dt = elapsed / steps
     return {'perf/step_time_s': dt,
-            'perf/tokens_per_s': self.tokens_per_step / dt,
-            'perf/model_flops_per_s': self.flops_per_step / dt,
+            'perf/tokens_per_s': tokens / elapsed,
+            'perf/model_flops_per_s': flops / elapsed,
             'perf/eta_s': dt * (self.total_steps - step)}
 
 

@@ -17,31 +17,45 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from models import imp, transformer
-from training import sharding
+from core import partitioning
+from models import transformer
+from training import stages
 
-MODEL_FAMILIES: dict[str, Callable[..., nnx.Module]] = {
-    'dense': transformer.Decoder,
-    'moe': transformer.Decoder,  # the same decoder with MoE FFNs (config.model.moe)
-    'moma': transformer.Decoder,  # with MoMa blocks (config.model.moma)
-    'mot': transformer.Decoder,  # with Mixture-of-Transformers blocks (config.model.mot)
-    'imp': imp.IMPModel,  # shared encoder + embedders + task heads (training/imp_loop.py)
-}
+
+@dataclasses.dataclass(frozen=True)
+class ModelKind:
+  """How a trainer builds its model: config -> spec, and spec -> nnx module."""
+  spec: Callable[[Any], Any]
+  build: Callable[..., nnx.Module]  # (spec, *, rngs) -> module
+
+
+def _decoder_spec(config):
+  return transformer.spec_from_config(config.model, param_dtype=config.param_dtype,
+                                      compute_dtype=config.compute_dtype,
+                                      stage=stages.stage_of(config).name)
+
+
+DECODER = ModelKind(spec=_decoder_spec, build=transformer.Decoder)
+# Models that are not a decoder family (models/families.py) register here by family name
+# when their package is imported (imp/model.py: 'imp').
+OTHER_MODELS: dict[str, ModelKind] = {}
+
+
+def register_model(family: str, kind: ModelKind) -> None:
+  OTHER_MODELS[family] = kind
+
+
+def model_kind(config) -> ModelKind:
+  return OTHER_MODELS.get(config.model.family, DECODER)
 
 
 def model_spec(config):
-  """The model's spec: a DecoderSpec, or an IMPSpec for family 'imp'."""
-  if config.model.family == 'imp':
-    return imp.spec_from_config(config.model, param_dtype=config.param_dtype,
-                                compute_dtype=config.compute_dtype)
-  return transformer.spec_from_config(config.model, param_dtype=config.param_dtype,
-                                      compute_dtype=config.compute_dtype,
-                                      stage=config.get('stage', 'main'))
+  """The model's spec: a DecoderSpec, or what a registered model kind builds (IMP)."""
+  return model_kind(config).spec(config)
 
 
 def make_model(config, seed: int) -> nnx.Module:
-  family = MODEL_FAMILIES[config.model.family]
-  return family(model_spec(config), rngs=nnx.Rngs(params=seed))
+  return model_kind(config).build(model_spec(config), rngs=nnx.Rngs(params=seed))
 
 
 def lr_schedule(config) -> optax.Schedule:
@@ -51,26 +65,25 @@ def lr_schedule(config) -> optax.Schedule:
       decay_steps=config.total_steps, end_value=config.learning_rate * config.end_lr_factor)
 
 
-AUX_ROUTER_KEYS = ('aux_router', 'aux_routers')  # MoMa / MoD causal-inference routers
-
-
-def is_aux_router(path) -> bool:
-  return any(getattr(k, 'key', None) in AUX_ROUTER_KEYS for k in path)
+def param_path(path) -> str:
+  """A parameter's tree path as 'blocks/0/ffn/w_up' (what stage regexes match)."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
+                  for k in path)
 
 
 def frozen_mask(params, stage: str = 'main'):
-  """True for parameters the stage does not train: stage 'main' trains everything but the
-  auxiliary routers; stage 'aux' trains only them (the main model is frozen)."""
-  aux_stage = stage == 'aux'
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: is_aux_router(path) != aux_stage, params)
+  """True for parameters the stage does not train (training/stages.py: stage 'main' trains
+  everything but the auxiliary routers; stage 'aux' only them)."""
+  trains = stages.STAGES[stage].trains
+  return jax.tree_util.tree_map_with_path(lambda path, _: not trains(param_path(path)),
+                                          params)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
   """AdamW with global-norm clipping; weight decay on matrices only (not norms/biases).
   Frozen parameters (`frozen_mask`) get exactly zero updates (no decay drift either)."""
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  stage = config.get('stage', 'main')
+  stage = stages.stage_of(config).name
   return optax.chain(
       optax.clip_by_global_norm(config.grad_clip),
       optax.adamw(lr_schedule(config), b1=config.adam_b1, b2=config.adam_b2,
@@ -93,7 +106,7 @@ def state_layout(config, mesh: jax.sharding.Mesh) -> StateLayout:
   tx = make_optimizer(config)
   abs_model = nnx.eval_shape(lambda: make_model(config, config.seed))
   graphdef, abs_params = nnx.split(abs_model)
-  param_sh = sharding.tree_shardings(abs_params, mesh)
+  param_sh = partitioning.tree_shardings(abs_params, mesh)
   abs_opt = jax.eval_shape(tx.init, abs_params)
   replicated = NamedSharding(mesh, P())
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, param_sh,

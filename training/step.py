@@ -1,13 +1,14 @@
 """Loss, train step and eval step (pure functions; the loop jits them with shardings).
 
-Loss (stage 'main') = masked next-token cross-entropy over all modalities (mean over
-unmasked tokens) + the sum of the model's auxiliary losses (`aux` keys ending in `aux_loss`,
-already weighted by their config coefficients). Per-modality loss and accuracy are reported
-by the modality of the TARGET token.
-
-Loss (stage 'aux', MoMa) = the mean over layers of the auxiliary routers' BCE against the
-batch routing (`aux` keys ending in `aux_router_loss`); the main model is frozen by the
-optimizer (training/state.py), and the cross-entropy is still reported.
+The loss is the stage's (training/stages.py) from LOSSES:
+  'lm' (stage main)        masked next-token cross-entropy over all modalities (mean over
+                           unmasked tokens) + the sum of the model's auxiliary losses (`aux`
+                           keys ending in `aux_loss`, already weighted by their coefficients)
+  'aux_router' (stage aux) the mean over layers of the auxiliary routers' BCE against the
+                           batch routing (`aux` keys ending in `aux_router_loss`); the main
+                           model is frozen by the optimizer (training/state.py), and the
+                           cross-entropy is still reported.
+Per-modality loss and accuracy are reported by the modality of the TARGET token.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import optax
 from flax import nnx
 
 from data import tokenizer
+from training import stages
 
 
 def _nll(logits_BTV, targets_BT):
@@ -68,7 +70,14 @@ def aux_loss_total(aux: dict) -> jax.Array:
   return sum(terms, jnp.zeros((), jnp.float32))
 
 
-def aux_router_loss(aux: dict) -> jax.Array:
+def lm_loss(ce, aux: dict) -> jax.Array:
+  """Stage 'main': the cross-entropy plus the model's weighted auxiliary losses."""
+  return ce + aux_loss_total(aux)
+
+
+def aux_router_loss(ce, aux: dict) -> jax.Array:
+  """Stage 'aux': the mean over layers of the auxiliary routers' BCE."""
+  del ce
   terms = [v for k, v in aux.items() if k.endswith('aux_router_loss')]
   if not terms:
     raise ValueError("stage 'aux' needs a model with auxiliary routers (MoMa with "
@@ -76,14 +85,15 @@ def aux_router_loss(aux: dict) -> jax.Array:
   return sum(terms) / len(terms)
 
 
+LOSSES = {'lm': lm_loss, 'aux_router': aux_router_loss}  # training/stages.py `loss`
+
+
 def loss_fn(params, graphdef, batch, num_modalities: int, rng=None, stage: str = 'main'):
   model = nnx.merge(graphdef, params)
   logits, aux = model(batch, rng)
   stats = token_stats(logits, batch, num_modalities)
   ce = stats['loss_sum'].sum() / jnp.maximum(stats['count'].sum(), 1.0)
-  if stage == 'aux':
-    return aux_router_loss(aux), (ce, stats, aux)
-  return ce + aux_loss_total(aux), (ce, stats, aux)
+  return LOSSES[stages.STAGES[stage].loss](ce, aux), (ce, stats, aux)
 
 
 def _global_norm(tree) -> jax.Array:

@@ -1,4 +1,10 @@
-"""Starting a run from another run's checkpoint instead of a fresh init.
+"""How a run's first start builds its state: INITIALIZERS by name (training/stages.py
+picks one per stage; `upcycle_from=DIR` picks 'upcycle'), each
+`(config, layout, workdir) -> (state, data iterator state or None)`:
+
+  fresh     a fresh init (training/state.py)
+  main_run  the aux stage: the main run's latest params in WORKDIR, a fresh optimizer
+  upcycle   DIR's latest checkpoint upcycled into the new model
 
   aux stage (MoMa, `stage='aux'`): the run lives in WORKDIR/aux/ and starts from the main
     model in WORKDIR/checkpoints/ (its latest step); the auxiliary routers train, the rest is
@@ -27,14 +33,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from models import upcycle as upcycle_lib
 from training import checkpoint, state as state_lib
-from training.validate import check_upcycle_source
-
-AUX_DIR = 'aux'
-
-
-def run_dir(config, workdir: str) -> str:
-  """Where a run keeps its checkpoints and metrics: WORKDIR, or WORKDIR/aux for stage aux."""
-  return os.path.join(workdir, AUX_DIR) if config.get('stage', 'main') == 'aux' else workdir
 
 
 def _fit_to_mesh(abstract, mesh):
@@ -125,6 +123,20 @@ def _dotted(config, key: str):
   return node
 
 
+def check_upcycle_source(src_dir: str) -> None:
+  """`upcycle_from=DIR` must name a run directory holding a finished checkpoint
+  (DIR/checkpoints/<step>/). Checked when an upcycled run starts (not by `validate`, so a
+  run that already has its own checkpoints resumes even if DIR is gone)."""
+  ckpt_dir = os.path.join(src_dir, 'checkpoints')
+  if not os.path.isdir(src_dir):
+    raise ValueError(f'config.upcycle_from={src_dir!r}: no such directory (give the workdir '
+                     f'of a trained dense or 1t1i run)')
+  steps = [d for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+  if not steps:
+    raise ValueError(f'config.upcycle_from={src_dir!r} has no checkpoint (expected '
+                     f'{ckpt_dir}/<step>/ written by train.py)')
+
+
 def upcycle_state(config, layout: state_lib.StateLayout):
   """The initial state of a run with `config.upcycle_from=DIR` (models/upcycle.py): DIR's
   latest params upcycled into the new model, step 0 and a fresh optimizer (so a fresh LR
@@ -163,3 +175,11 @@ def upcycle_state(config, layout: state_lib.StateLayout):
                'schedule from step 0; data position %s', src_dir, step,
                src_config.model.family, upcycle_lib.source_kind(src_spec), groups, data_state)
   return state, data_state, step
+
+
+INITIALIZERS = {
+    'fresh': lambda config, layout, workdir: (state_lib.init_state(config, layout), None),
+    'main_run': lambda config, layout, workdir: (aux_stage_state(config, layout, workdir)[0],
+                                                 None),
+    'upcycle': lambda config, layout, workdir: upcycle_state(config, layout)[:2],
+}

@@ -5,21 +5,20 @@ Shape letters (used in docstrings and einsum strings across models/ and moe/):
   B batch, T sequence, D model width, F FFN hidden width, H query heads, G key/value heads,
   K head dim, V vocabulary, E experts, C expert capacity, M modalities, k top-k.
 
-Every parameter is created through `param(...)`, which records its logical axis names in
-the Variable's `out_sharding` metadata; training/sharding.py maps them onto the mesh.
+Every parameter is created through `partitioning.param(...)`, which records its logical
+axis names in the Variable's `out_sharding` metadata; the rules table maps them onto the mesh.
 Parameters are stored in `param_dtype` and cast to `dtype` (the compute dtype) for matmuls;
 norms, softmax statistics and the loss stay in float32.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from training.sharding import constrain
+from core.partitioning import constrain, fan_in_init, param
 
 Initializer = nnx.initializers.Initializer
 
@@ -30,19 +29,6 @@ def dtype_of(name: str):
   if name not in DTYPES:
     raise ValueError(f'unknown dtype {name!r}; choose one of {sorted(DTYPES)}')
   return DTYPES[name]
-
-
-def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequence[str],
-          dtype) -> nnx.Param:
-  """A parameter with logical axis names (lazy: sharded later by the rules table)."""
-  assert len(shape) == len(axes), (shape, axes)
-  return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes),
-                   eager_sharding=False)
-
-
-def fan_in_init(fan_in: int) -> Initializer:
-  """Truncated normal with std 1/sqrt(fan_in), for weights whose fan-in spans several axes."""
-  return nnx.initializers.truncated_normal(stddev=fan_in ** -0.5)
 
 
 def rms_normalize(x: jax.Array, eps: float) -> jax.Array:

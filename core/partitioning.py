@@ -1,7 +1,9 @@
-"""The device mesh and the ONE table that maps logical axis names to mesh axes.
+"""The device mesh, the ONE table that maps logical axis names to mesh axes, and parameters
+created with logical axes. Imports nothing of the project.
 
-Every parameter carries logical axis names (`('embed', 'mlp')`, ...) in its `out_sharding`
-metadata, and activations are constrained with `constrain(x, names)`. `RULES` below turns
+Every parameter is created through `param(...)`, which records its logical axis names
+(`('embed', 'mlp')`, ...) in its `out_sharding` metadata, and activations are constrained
+with `constrain(x, names)`. `RULES` below turns
 those names into mesh axes of the 4-axis mesh `('data', 'fsdp', 'expert', 'tensor')`.
 Changing the parallel layout is a config change (`mesh.*`), never a model change.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 import math
 
+from flax import nnx
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -55,7 +58,7 @@ def logical_to_spec(names: Sequence[str | None]) -> P:
       spec.append(None)
       continue
     if name not in RULES:
-      raise KeyError(f'logical axis {name!r} has no rule in training/sharding.py RULES')
+      raise KeyError(f'logical axis {name!r} has no rule in core/partitioning.py RULES')
     axes = RULES[name]
     axes_t = (axes,) if isinstance(axes, str) else (axes or ())
     clash = used.intersection(axes_t)
@@ -64,6 +67,19 @@ def logical_to_spec(names: Sequence[str | None]) -> P:
     used.update(axes_t)
     spec.append(axes)
   return P(*spec)
+
+
+def param(rngs: nnx.Rngs, init: nnx.initializers.Initializer, shape: Sequence[int],
+          axes: Sequence[str], dtype) -> nnx.Param:
+  """A parameter with logical axis names (lazy: sharded later through RULES)."""
+  assert len(shape) == len(axes), (shape, axes)
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes),
+                   eager_sharding=False)
+
+
+def fan_in_init(fan_in: int) -> nnx.initializers.Initializer:
+  """Truncated normal with std 1/sqrt(fan_in), for weights whose fan-in spans several axes."""
+  return nnx.initializers.truncated_normal(stddev=fan_in ** -0.5)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -106,8 +122,9 @@ def batch_shards(mesh: jax.sharding.Mesh) -> int:
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  """Sharding of a [B, T] input array."""
-  return NamedSharding(mesh, logical_to_spec(('batch', 'length')))
+  """Sharding of an input array's leading (batch) axis, any rank ([B, T] tokens, [B, H, W, C]
+  images, [B] labels): the other axes replicated."""
+  return NamedSharding(mesh, logical_to_spec(('batch',)))
 
 
 def shard_batch(batch, batch_sharding: NamedSharding) -> dict[str, jax.Array]:
@@ -118,7 +135,6 @@ def shard_batch(batch, batch_sharding: NamedSharding) -> dict[str, jax.Array]:
 
 def tree_shardings(abstract_state, mesh: jax.sharding.Mesh):
   """NamedShardings for an nnx.State whose Variables carry logical `out_sharding` names."""
-  from flax import nnx  # local: keep this module importable without flax
 
   def one(v):
     names = getattr(v, 'out_sharding', None) or (None,) * v.value.ndim

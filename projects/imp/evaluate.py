@@ -36,10 +36,13 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from data import imp_tasks
-from models import imp
-from training import imp_loop, sharding
-from training.evaluate import unigram_entropy
+from core import partitioning
+from projects.imp import losses as imp_losses
+from projects.imp import tasks as imp_tasks
+from projects.imp import train as imp_loop
+from projects.imp.validate import validate
+from training import plots
+from training.evaluate import restore_latest, unigram_entropy, write_report
 
 HIGHER_IS_BETTER = {'accuracy': True, 'recall@1': True, 'loss': False}
 
@@ -93,7 +96,7 @@ def _embed_text(params, text, mask, *, graphdef):
 def _caption(params, batch, *, graphdef, vocab_size: int):
   model = nnx.merge(graphdef, params)
   b = imp_loop.model_batch('caption', batch)
-  _, metrics = imp.task_loss(model, 'caption', b)
+  _, metrics = imp_losses.task_loss(model, 'caption', b)
   n = metrics['num_tokens']
   weights = b['target_mask'].ravel().astype(jnp.float32)
   counts = jnp.bincount(b['targets'].ravel(), weights=weights, length=vocab_size)
@@ -105,7 +108,7 @@ class _Runner:
 
   def __init__(self, config, mesh, graphdef, params):
     self.config, self.params = config, params
-    self.batch_sh = NamedSharding(mesh, P(sharding.BATCH_AXES))
+    self.batch_sh = partitioning.batch_sharding(mesh)
     self.replicated = NamedSharding(mesh, P())
     jit = lambda f, **kw: jax.jit(functools.partial(f, graphdef=graphdef, **kw),
                                   out_shardings=self.replicated)
@@ -180,3 +183,16 @@ def evaluate_tasks(config, mesh, graphdef, params) -> dict:
         out[name] = _entry('loss', loss_sum / tokens, unigram_entropy(counts), n)
   return out
 
+
+
+def evaluate(config, workdir: str) -> dict:
+  """IMP's eval.py: every task of the newest checkpoint in WORKDIR -> eval.json `tasks` and
+  task_curves.png."""
+  validate(config, jax.device_count())
+  mesh, layout, state, step = restore_latest(config, workdir)
+  report = {'step': step, 'tasks': evaluate_tasks(config, mesh, layout.graphdef,
+                                                  state['params'])}
+  write_report(workdir, report)
+  if jax.process_index() == 0:
+    plots.plot_task_curves(workdir)
+  return report

@@ -1,4 +1,4 @@
-"""Per-task input pipelines for IMP's alternating-gradient training (training/agd.py).
+"""Per-task input pipelines for IMP's alternating-gradient training (projects/imp/schedules.py).
 
 A task reads one TFDS dataset (the embedded `mm_shapes` by default) at its own image
 resolution and text length and yields batches for one objective:

@@ -1,0 +1,195 @@
+"""What every trainer shares (the decoder trainer, training/loop.py; projects such as
+projects/imp): the mesh and state layout, the checkpointer with resume-or-init, the metric
+writer, compile-time logging, throughput, and the step loop with its guard rails.
+
+Guard rails: every step's loss is checked for NaN/Inf (lazily, in batches at log and save
+points, so the host never stalls the device); the first bad step stops the run by name and
+nothing after the last good check is saved. SIGTERM checkpoints the step reached and
+returns normally (exit 0); with several processes all of them checkpoint the same step
+(`_Preemption`). A workdir whose checkpoint holds another config is refused (`resume`).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from typing import Callable
+
+import jax
+from absl import logging
+
+from core import partitioning
+from training import checkpoint, metrics, state as state_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+class _Preemption:
+  """SIGTERM -> checkpoint at a step boundary and return.
+
+  One process: a Python SIGTERM handler sets a flag that `check(step)` reads. Several
+  processes: SIGTERM may reach only some of them, and all must save the same step (the save
+  is collective), so the decision is collective too: JAX's preemption sync manager (started
+  by jax.distributed.initialize, with its own SIGTERM handler, which ours must not replace)
+  tells every process the first step after the notice that all can reach
+  (`reached_preemption_sync_point`, called once per step). Without that manager the local
+  flags are OR-ed over the processes at every step (a small all-gather).
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    self._multi = jax.process_count() > 1
+    self._sync = self._multi and self._sync_manager() is not None
+
+  def __enter__(self):
+    if self._sync:  # the sync manager's handler is installed; keep it
+      return self
+    def handler(signum, frame):
+      logging.warning('SIGTERM received: checkpointing at the next step boundary.')
+      self.requested = True
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. some test runners): no handler
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def check(self, step: int) -> bool:
+    """Whether to checkpoint `step` and stop; call once per step, at every step."""
+    if not self._multi:
+      return self.requested
+    from jax.experimental import multihost_utils
+    if self._sync:
+      reached = multihost_utils.reached_preemption_sync_point(step)
+      if reached:
+        logging.warning('preemption notice: all %d processes checkpoint step %d.',
+                        jax.process_count(), step)
+      return reached
+    import numpy as np
+    flags = multihost_utils.process_allgather(np.asarray(self.requested))
+    return bool(np.any(flags))
+
+  @staticmethod
+  def _sync_manager():
+    """JAX's preemption sync manager (set up by jax.distributed.initialize), or None."""
+    try:
+      from jax._src import distributed
+      return distributed.global_state.preemption_sync_manager
+    except (ImportError, AttributeError):
+      return None
+
+
+def check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
+  """Fetch pending per-step metrics; raise at the first step whose loss is not finite."""
+  fetched = jax.device_get(pending)
+  for step, m in fetched:
+    if not math.isfinite(float(m['loss'])):
+      raise NonFiniteLossError(
+          f'loss is {float(m["loss"])} at step {step}: stopping. No checkpoint after the '
+          f'last finite check was written; lower the learning rate or inspect the data.')
+  return fetched
+
+
+def run_steps(config, mesh, start: int, end: int, *, take_step, on_log, save) -> dict:
+  """The step loop of both trainers (training/loop.py's and projects/imp/train.py's).
+
+  `take_step(step)` runs step `step + 1` and returns its device metrics (with a 'loss').
+  Every `log_every` steps and at `end` the metrics since the last log are checked for
+  NaN/Inf (`check_finite`), then `on_log(step, rows)` -> the logged scalars. `save(step)`
+  checkpoints every `checkpoint_every` steps, at `end` and after SIGTERM, which then stops
+  the loop (`_Preemption`). -> the last logged scalars.
+  """
+  pending: list[tuple[int, dict]] = []  # per-step device metrics not yet checked
+  interval: list[dict] = []  # host metrics since the last log row
+  last: dict = {}
+  step = start
+  with jax.set_mesh(mesh), _Preemption() as preempt:
+    while step < end:
+      pending.append((step + 1, take_step(step)))
+      step += 1
+      preempted = preempt.check(step)  # once per step: the signal may land mid-iteration
+      is_log = step % config.log_every == 0 or step == end
+      is_save = step % config.checkpoint_every == 0 or step == end or preempted
+      if is_log or is_save:
+        interval += [m for _, m in check_finite(pending)]
+        pending = []
+      if is_log:
+        last = on_log(step, interval)
+        interval = []
+      if is_save:
+        save(step)
+      if preempted:
+        logging.warning('checkpointed step %d after SIGTERM; exiting.', step)
+        break
+  return last
+
+
+def resume(ckpt, start: int, config, abstract, workdir: str, allow_config_change: bool):
+  """-> (state, data iterator state) of checkpoint `start`, after checking its config."""
+  changes = checkpoint.config_changes(ckpt.read_config(start), config)
+  if changes and not allow_config_change:
+    raise ValueError(
+        f'{workdir} holds a run of another config (checkpoint step {start}): '
+        + '; '.join(changes) + '. Use another --workdir, or pass --allow_config_change '
+        'to resume it with this config.')
+  if changes:
+    logging.warning('resuming with a changed config (--allow_config_change): %s',
+                    '; '.join(changes))
+  logging.info('resuming from %s/%d (the newest complete checkpoint)', ckpt.directory,
+               start)
+  return ckpt.restore(start, abstract)
+
+
+class Run:
+  """A run's shared pieces in WORKDIR: `mesh`, `layout` (training/state.py), `ckpt`,
+  `writer` (once `restore_or_init` has succeeded); `restore_or_init` and `compile`. Close it
+  (`with Run(...) as run:`)."""
+
+  def __init__(self, config, workdir: str, *, allow_config_change: bool = False):
+    self.config, self.workdir = config, workdir
+    self.allow_config_change = allow_config_change
+    self.mesh = partitioning.make_mesh(config.mesh)
+    self.is_chief = jax.process_index() == 0
+    logging.info('mesh %s over %d devices (%d processes)', dict(self.mesh.shape),
+                 jax.device_count(), jax.process_count())
+    self.layout = state_lib.state_layout(config, self.mesh)
+    self.ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.max_checkpoints)
+    self.writer = None  # opened by restore_or_init: a refused workdir gets no new file
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.ckpt.close()
+    if self.writer is not None:
+      self.writer.close()
+
+  def restore_or_init(self, init: Callable[[], tuple]) -> tuple:
+    """-> (state, data state or None, start step): the newest complete checkpoint in
+    WORKDIR (its config checked, `resume`), else `init()` -> (state, data state or None)."""
+    start = self.ckpt.latest_step()
+    if start is not None:
+      state, data_state = resume(self.ckpt, start, self.config, self.layout.abstract,
+                                 self.workdir, self.allow_config_change)
+      start = int(start)
+    else:
+      (state, data_state), start = init(), 0
+    logging.info('model: %s, %.2fM parameters', self.config.model.family,
+                 state_lib.count_params(state['params']) / 1e6)
+    self.writer = metrics.MetricWriter(self.workdir, enabled=self.is_chief)
+    return state, data_state, start
+
+  @staticmethod
+  def compile(jitted, *args, what: str = 'the train step'):
+    """AOT-compile `jitted` for `args`, logging the time it took."""
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    logging.info('compiled %s in %.1fs', what, time.perf_counter() - t0)
+    return compiled
