@@ -7,12 +7,10 @@ Multi-process: the same command on every process, plus --coordinator_address=HOS
 --num_processes=N --process_id=I (auto-detected on TPU pods, SLURM, Open MPI).
 """
 
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from training import distributed
+from training import cli, distributed
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. '
                                           'configs/dense.py:tiny.', lock_config=True)
@@ -30,24 +28,15 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from training import metrics
   metrics.quiet_library_logs()
-  try:
-    distributed.initialize_from_flags()  # before anything touches a JAX backend
-  except ValueError as e:
-    print(f'train.py: error: {e}', file=sys.stderr)
-    sys.exit(1)
+  cli.run('train.py', distributed.initialize_from_flags)  # before JAX touches a backend
   import jax  # after flag parsing, so --help is fast
   import trainers
-  from training import run
   logging.info('JAX %s, %d %s devices', jax.__version__, jax.device_count(),
                jax.default_backend())
-  try:
-    trainers.get(_CONFIG.value).train(_CONFIG.value, _WORKDIR.value,
-                                      allow_config_change=_ALLOW_CHANGE.value)
-  except (ValueError, run.NonFiniteLossError) as e:
-    logging.error('%s', e)
-    print(f'train.py: error: {e}', file=sys.stderr)
-    sys.exit(1)
+  config = _CONFIG.value
+  cli.run('train.py', lambda: trainers.get(config).train(
+      config, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser('train.py'))

@@ -91,6 +91,38 @@ def parse_arg(arg: str, *, allowed: dict[str, object] | None = None,
   return size, {**allowed, **variants}
 
 
+BOOLS = {'1': True, 'true': True, '0': False, 'false': False}
+
+
+def parse_bool(variants: dict, key: str) -> bool:
+  """A boolean config-arg variant: 1/0/true/false (any case); anything else is refused."""
+  value = str(variants[key])
+  if value.lower() not in BOOLS:
+    raise ValueError(f'config arg {key}={value!r} must be one of 1, 0, true, false')
+  return BOOLS[value.lower()]
+
+
+def parse_int(variants: dict, key: str, *, minimum: int = 0) -> int:
+  """An integer config-arg variant >= `minimum`; anything else is refused."""
+  value = str(variants[key])
+  try:
+    n = int(value)
+  except ValueError:
+    n = None
+  if n is None or n < minimum:
+    raise ValueError(f'config arg {key}={value!r} must be an integer >= {minimum}')
+  return n
+
+
+def _vocab_size(codebook: str, image_vocab: ml_collections.FieldReference):
+  """tokenizer.vocab_size(codebook, image_vocab) as a reference that follows image_vocab
+  (an override of data.image_vocab_size), unless model.vocab_size is set itself:
+  ceil((IMAGE_OFFSET + max(codebook's codes, image_vocab)) / 128) * 128."""
+  codes = tokenizer.num_image_codes(codebook)
+  most = (image_vocab + codes + abs(image_vocab - codes)) // 2  # max(image_vocab, codes)
+  return -((-(most + tokenizer.IMAGE_OFFSET)) // 128) * 128
+
+
 def base_config(size: str, data: str = 'shapes') -> ml_collections.ConfigDict:
   """Keys every family shares, filled in for `size` from the size table and for the embedded
   dataset `data` (DATASETS)."""
@@ -103,8 +135,9 @@ def base_config(size: str, data: str = 'shapes') -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.family = 'dense'
-  # bytes + specials + image codes, padded
-  c.model.vocab_size = tokenizer.vocab_size(data_values['codebook'])
+  # bytes + specials + image codes, padded; follows --config.data.image_vocab_size
+  image_vocab = ml_collections.FieldReference(0)
+  c.model.vocab_size = _vocab_size(data_values['codebook'], image_vocab)
   c.model.num_layers = s['num_layers']
   c.model.embed_dim = s['embed_dim']
   c.model.num_heads = s['num_heads']
@@ -120,7 +153,9 @@ def base_config(size: str, data: str = 'shapes') -> ml_collections.ConfigDict:
   c.seq_len = s['seq_len'] or -(-(max_len - 1) // 16) * 16  # targets: length - 1
   c.seed = 0
   c.learning_rate = s['learning_rate']  # peak
-  c.warmup_steps = max(1, s['total_steps'] // 20)
+  # A reference: follows an overridden total_steps (--config.total_steps=10 -> 0) unless
+  # warmup_steps is itself set.
+  c.warmup_steps = c.get_ref('total_steps') // 20
   c.end_lr_factor = 0.1  # cosine decays to learning_rate * end_lr_factor
   c.weight_decay = 0.1
   c.adam_b1 = 0.9
@@ -152,6 +187,10 @@ def base_config(size: str, data: str = 'shapes') -> ml_collections.ConfigDict:
   c.data.patch_size = 4
   c.data.codebook = 'rgb64'  # image tokens (data/tokenizer.py): rgb64 | palette
   c.data.order = 'both'  # both | text_first | image_first
+  # A dataset's own image codes (docs/own_data.md): an integer feature used instead of
+  # patch-quantising data.image_key, and the size of the vocabulary it is drawn from.
+  c.data.image_tokens_key = ''  # '' = off
+  c.data.image_vocab_size = image_vocab  # 0 = the built-in codebook's
   c.data.update(data_values)
   c.data.num_workers = 0
 

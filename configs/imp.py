@@ -53,7 +53,7 @@ def get_config(arg: str = 'tiny'):
       classifiers=ml_collections.ConfigDict({'shapes': 6}),  # mm_shapes' shape kinds
       proj_dim=64,  # contrastive embedding width
       qk_norm=True,
-      moe_last=int(v['moe']),  # MoE FFN in the last N encoder layers (0: dense)
+      moe_last=common.parse_int(v, 'moe'),  # MoE FFN in the last N encoder layers (0: dense)
       moe=ml_collections.ConfigDict(dict(
           num_experts=4, router='expert_choice', capacity_factor=1.0,
           mlp_dim=c.model.mlp_dim, group_size=0, load_balance_coef=0.0,
@@ -62,7 +62,7 @@ def get_config(arg: str = 'tiny'):
   c.agd = ml_collections.ConfigDict(dict(
       schedule=v['schedule'],  # sample | cycle (projects/imp/schedules.py)
       mode=v['mode'],  # agd | summed
-      mask_updates=v['mask'] not in ('0', 'false', 'False'),
+      mask_updates=common.parse_bool(v, 'mask'),
   ))
   scale = 1 if size == 'tiny' else 4
   c.tasks = ml_collections.ConfigDict(dict(

@@ -31,14 +31,14 @@ def get_config(arg: str = 'tiny'):
   c.model.family = 'moe'
   expert_choice = v['router'].startswith('expert_choice')
   c.model.moe = ml_collections.ConfigDict(dict(
-      num_experts=int(v['experts']),  # E
-      k=int(v['k']),  # experts per token (token-choice routers)
+      num_experts=common.parse_int(v, 'experts', minimum=1),  # E
+      k=common.parse_int(v, 'k', minimum=1),  # experts per token (token-choice routers)
       router=v['router'],  # a key of moe/routing.py ROUTERS
       renormalize=False,  # token choice: top-k weights rescaled to sum to 1
       dispatch=v['dispatch'] or ('capacity' if expert_choice else 'dropless'),
       capacity_factor=1.0 if expert_choice else 1.25,  # c (capacity dispatch only)
       mlp_dim=c.model.mlp_dim,  # F of each expert (the dense FFN's width)
-      every=int(v['every']),  # layer i is MoE iff i % every == every - 1
+      every=common.parse_int(v, 'every', minimum=1),  # layer i is MoE iff i % every == every - 1
       group_size=0,  # tokens per routing group; 0 = one sequence
       load_balance_coef=0.0 if expert_choice else 0.01,  # Switch loss (alpha)
       z_loss_coef=1e-3,  # router z-loss (beta)

@@ -48,13 +48,13 @@ def get_config(arg: str = 'tiny'):
       k=1,  # topk only
       mlp_dim=c.model.mlp_dim,  # F of each expert (the dense FFN's width)
       group_sequences=1,  # sequences per routing group
-      shared_experts=int(v['shared']),  # MoIIE pool size (0 = none)
+      shared_experts=common.parse_int(v, 'shared'),  # MoIIE pool size (0 = none)
       shared_capacity='',  # c of the pool; '' = 1 / shared_experts
       gumbel=bool(v['upcycle_from']),  # Gumbel-sigmoid routing noise while training
       load_balance_coef=0.01,  # topk only
       norm=v['norm'],
       mod=ml_collections.ConfigDict(dict(
-          enabled=v['mod'] not in ('0', '', 'false', 'False'),
+          enabled=common.parse_bool(v, 'mod'),
           capacity=0.25,  # c_d
           every=2,  # MoD in layers 0, 2, 4, ...
           scale=True,  # scale the layer's update by the router weight

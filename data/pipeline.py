@@ -3,7 +3,12 @@
 Every record becomes one early-fusion sequence (see `tokenizer`): its text
 (`data.text_key`, or the class name of `data.label_key` when there is no text)
 and/or its image (`data.image_key`), in the order given by `data.order`, cut or
-padded to seq_len + 1 tokens and shifted into (tokens, targets).
+padded to seq_len + 1 tokens and shifted into (tokens, targets). A dataset that carries its
+own image codes (`data.image_tokens_key`: an integer feature, e.g. from the user's VQ
+tokenizer, with `data.image_vocab_size` codes) gives its image tokens from them instead of
+`data.image_key` (then not read); a code outside [0, data.image_vocab_size) stops the
+pipeline naming the record. data/import_pairs.py writes such datasets from (image,
+caption) pairs (docs/own_data.md).
 
 Train: all records -> global shuffle, reshuffled each epoch -> repeat forever
 -> encode -> this process's rows of each global batch (`ProcessRows`) -> batch.
@@ -27,6 +32,7 @@ import os
 import re
 from typing import Any, Optional
 
+from absl import logging
 import grain
 import ml_collections
 import numpy as np
@@ -60,13 +66,21 @@ def _split_names(split: str) -> list[str]:
   return [re.sub(r'\[.*\]$', '', s.strip()) for s in split.split('+')]
 
 
-def _check_config(cfg) -> None:
+def check_config(cfg) -> None:
+  """ValueError naming the data key at fault (run by training/validate.py first)."""
   missing = [k for k in REQUIRED_KEYS if k not in cfg]
   if missing:
     raise ValueError(f'data config is missing keys {missing}')
-  if not cfg.text_key and not cfg.image_key:
-    raise ValueError('data config needs data.text_key or data.image_key '
-                     '(both are empty)')
+  if not cfg.text_key and not cfg.image_key and not image_tokens_key(cfg):
+    raise ValueError('data config needs data.text_key or data.image_key (or '
+                     'data.image_tokens_key): all are empty')
+  n = image_vocab_size(cfg)
+  if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+    raise ValueError(f'data.image_vocab_size={n!r} must be an int >= 0')
+  if image_tokens_key(cfg) and not n:
+    raise ValueError(f'data.image_tokens_key={image_tokens_key(cfg)!r} needs '
+                     'data.image_vocab_size > 0: the number of codes of the tokenizer '
+                     'that made them')
   size, patch = cfg.image_size, cfg.patch_size
   if not (isinstance(size, int) and isinstance(patch, int) and size > 0
           and patch > 0 and size % patch == 0):
@@ -86,6 +100,16 @@ def codebook(cfg) -> str:
   return cfg.get('codebook', 'rgb64')
 
 
+def image_tokens_key(cfg) -> str:
+  """data.image_tokens_key ('' = off, also for configs written before it existed)."""
+  return cfg.get('image_tokens_key', '')
+
+
+def image_vocab_size(cfg) -> int:
+  """data.image_vocab_size (0 = the built-in codebook's)."""
+  return cfg.get('image_vocab_size', 0)
+
+
 def _is_scenes(cfg) -> bool:
   return cfg.tfds_name.split('/')[0] == scenes.NAME
 
@@ -98,6 +122,9 @@ def _scenes_source(cfg, split: str):
     if key not in ('', want):
       raise ValueError(f"data.{role}={key!r} is not a feature of {cfg.tfds_name!r}; "
                        f"features: ['caption', 'image']")
+  if image_tokens_key(cfg):
+    raise ValueError(f'data.image_tokens_key={image_tokens_key(cfg)!r} is not a feature '
+                     f"of {cfg.tfds_name!r}; features: ['caption', 'image']")
   if not cfg.text_key and cfg.label_key:
     raise ValueError(f'data.label_key={cfg.label_key!r}: {cfg.tfds_name!r} has no labels; '
                      "set data.label_key=''")
@@ -118,13 +145,23 @@ def _is_image(f) -> bool:
       and f.np_dtype == np.uint8)
 
 
+def _is_codes(f) -> bool:
+  if isinstance(f, tfds.features.Sequence):
+    f = f.feature
+  return (type(f) is tfds.features.Tensor or isinstance(f, tfds.features.Scalar)) and (
+      np.issubdtype(f.np_dtype, np.integer))
+
+
 def _check_features(cfg, features) -> Optional[list[str]]:
   """Checks the keys against the dataset; returns label names or None."""
   name = cfg.tfds_name
+  codes = image_tokens_key(cfg)
   for role, key, ok, want in (
       ('text_key', cfg.text_key, _is_text, 'text (tfds Text)'),
-      ('image_key', cfg.image_key, _is_image,
-       'image (tfds Image, or a uint8 Tensor of rank 2 or 3)')):
+      ('image_key', '' if codes else cfg.image_key, _is_image,
+       'image (tfds Image, or a uint8 Tensor of rank 2 or 3)'),
+      ('image_tokens_key', codes, _is_codes,
+       'integer Tensor (image codes, raster order)')):
     if not key:
       continue
     if key not in features:
@@ -151,11 +188,14 @@ def _builder(cfg, data_dir: str) -> tfds.core.DatasetBuilder:
   except tfds.core.registered.DatasetNotFoundError:
     raise ValueError(f'data.tfds_name={cfg.tfds_name!r}: unknown TFDS dataset '
                      f'(not registered, nothing under {data_dir})') from None
+  except AssertionError as e:  # TFDS's way of saying: no such version
+    detail = str(e).split(': ', 1)[-1].rsplit('": ', 1)[-1]
+    raise ValueError(f'data.tfds_name={cfg.tfds_name!r}: {detail}') from None
 
 
 def class_names(cfg) -> Optional[list[str]]:
   """The names of cfg.label_key's classes (a tfds ClassLabel), or None without one."""
-  _check_config(cfg)
+  check_config(cfg)
   if _is_scenes(cfg):
     return None
   features = _builder(cfg, resolve_data_dir(cfg.data_dir)).info.features
@@ -165,7 +205,7 @@ def class_names(cfg) -> Optional[list[str]]:
 
 def data_source(cfg, split_key: str) -> tuple[Any, Optional[list[str]]]:
   """Validates cfg; returns (source of cfg[split_key], label names)."""
-  _check_config(cfg)
+  check_config(cfg)
   split = cfg[split_key]
   if _is_scenes(cfg):
     return _scenes_source(cfg, split)
@@ -182,7 +222,7 @@ def data_source(cfg, split_key: str) -> tuple[Any, Optional[list[str]]]:
   if is_shapes:
     builder = shapes.prepare(data_dir)
   try:
-    return builder.as_data_source(split), label_names
+    source = builder.as_data_source(split)
   except Exception as e:  # pylint: disable=broad-except
     if builder.is_prepared():
       raise ValueError(f'cannot read {cfg.tfds_name!r} split {split!r} under '
@@ -191,6 +231,29 @@ def data_source(cfg, split_key: str) -> tuple[Any, Optional[list[str]]]:
         f'dataset {cfg.tfds_name!r} is not prepared under data_dir={data_dir}; '
         f'prepare it with tfds.builder({cfg.tfds_name!r}, data_dir=...)'
         ".download_and_prepare(file_format='array_record')") from e
+  if image_tokens_key(cfg):
+    source = _CheckedCodes(source, split, image_tokens_key(cfg), image_vocab_size(cfg))
+  return source, label_names
+
+
+class _CheckedCodes:
+  """A data source whose records' image codes are checked as they are read, so a bad
+  one is named by its record index in the split."""
+
+  def __init__(self, source, split: str, key: str, n: int):
+    self.source, self.split, self.key, self.n = source, split, key, n
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int):
+    record = self.source[index]
+    try:
+      tok.encode_codes(record[self.key], self.n)
+    except ValueError as e:
+      raise ValueError(f'record {index} of split {self.split!r}: '
+                       f'data.image_tokens_key={self.key!r}: {e}') from None
+    return record
 
 
 # ---------------------------------------------------------------------------
@@ -211,6 +274,7 @@ class _Encoder:
   def __init__(self, cfg, seq_len: int, label_names: Optional[list[str]]):
     self.text_key, self.image_key = cfg.text_key, cfg.image_key
     self.label_key, self.label_names = cfg.label_key, label_names
+    self.codes_key, self.image_vocab_size = image_tokens_key(cfg), image_vocab_size(cfg)
     self.image_size, self.patch_size = cfg.image_size, cfg.patch_size
     self.codebook = codebook(cfg)
     self.order, self.seq_len = cfg.order, seq_len
@@ -227,7 +291,9 @@ class _Encoder:
       text = tok.encode_bytes(_text_bytes(record[self.text_key], self.seq_len))
     elif self.label_names is not None:
       text = tok.encode_text(self.label_names[int(record[self.label_key])])
-    if self.image_key:
+    if self.codes_key:
+      image = tok.encode_codes(record[self.codes_key], self.image_vocab_size)
+    elif self.image_key:
       image = tok.encode_image(record[self.image_key], self.image_size,
                                self.patch_size, self.codebook)
     return tok.build_sequence(text, image, image_first)
@@ -408,3 +474,63 @@ def make_eval_iterator(data_cfg: ml_collections.ConfigDict, *, seq_len: int,
   ds = ds.map(_EvalMap(_Encoder(data_cfg, seq_len, label_names),
                        data_cfg if with_floor else None))
   return finish(ds, local_batch, data_cfg.num_workers)
+
+
+# ---------------------------------------------------------------------------
+# What seq_len keeps.
+
+TRUNCATION_SAMPLE = 256  # eval records measured by `truncation`
+
+
+def truncation(data_cfg: ml_collections.ConfigDict, seq_len: int,
+               sample: int = TRUNCATION_SAMPLE) -> dict:
+  """How `seq_len` cuts the sequences of the first `sample` eval records, in each order the
+  config trains on -> {'sequences', 'truncated' (fraction cut), 'longest' (tokens, the
+  seq_len that fits them all is longest - 1), 'dropped': {modality: fraction of the
+  sequences holding it that keep none of its target tokens}}."""
+  source, label_names = data_source(data_cfg, 'eval_split')
+  encoder = _Encoder(data_cfg, 1 << 30, label_names)  # whole sequences
+  orders = (False, True) if data_cfg.order == 'both' else (data_cfg.order == 'image_first',)
+  cut = count = longest = 0
+  holding, dropped = np.zeros(len(tok.MODALITIES)), np.zeros(len(tok.MODALITIES))
+  for i in range(min(sample, len(source))):
+    record = source[i]
+    for image_first in orders:
+      seq = np.asarray(encoder.sequence(record, image_first))
+      count += 1
+      longest = max(longest, len(seq))
+      cut += len(seq) > seq_len + 1
+      whole = np.bincount(tok.modality_of(seq[1:]), minlength=len(tok.MODALITIES)) > 0
+      kept = np.bincount(tok.modality_of(seq[1:seq_len + 1]),
+                         minlength=len(tok.MODALITIES)) > 0
+      holding += whole
+      dropped += whole & ~kept
+  return {'sequences': count, 'truncated': cut / max(count, 1), 'longest': longest,
+          'dropped': {name: float(d / h) for name, d, h in zip(tok.MODALITIES, dropped, holding)
+                      if h}}
+
+
+def check_seq_len(data_cfg: ml_collections.ConfigDict, seq_len: int) -> dict:
+  """Log the fraction of sequences `seq_len` truncates; ValueError when it drops a whole
+  modality (none of its tokens kept in any sampled sequence). -> `truncation`'s dict."""
+  t = truncation(data_cfg, seq_len)
+  fits = t['longest'] - 1
+  gone = [m for m, f in t['dropped'].items() if f == 1.0]
+  if gone:
+    raise ValueError(f'config.seq_len={seq_len} drops every {" and ".join(gone)} token of '
+                     f"the {t['sequences']} sampled sequences: nothing would train on "
+                     f'{"them" if len(gone) > 1 else "it"}; seq_len={fits} fits them all')
+  if t['truncated']:
+    whole = ''.join(f'; all {m} tokens cut from {100 * f:.1f}%'
+                    for m, f in t['dropped'].items() if f)
+    logging.warning('config.seq_len=%d truncates %.1f%% of the sequences (of %d sampled eval '
+                    'sequences%s); seq_len=%d fits them all', seq_len, 100 * t['truncated'],
+                    t['sequences'], whole, fits)
+  elif seq_len > 2 * fits:
+    logging.warning('config.seq_len=%d is over twice the longest of %d sampled eval sequences '
+                    '(%d tokens): most of every row is padding; seq_len=%d fits them all',
+                    seq_len, t['sequences'], t['longest'], fits)
+  else:
+    logging.info('config.seq_len=%d fits all %d sampled eval sequences (longest %d tokens)',
+                 seq_len, t['sequences'], t['longest'])
+  return t

@@ -7,7 +7,10 @@ last image code are padding so the embedding table is a multiple of 128):
   8..263    text: byte b -> TEXT_OFFSET + b (utf-8, byte level, no merges)
   264..     image: code c -> IMAGE_OFFSET + c, c in [0, num_image_codes(codebook))
 
-Image tokens come from a FIXED patch codebook (`data.codebook`), no learned VQ model.
+A dataset may instead carry its own image codes (`data.image_tokens_key`, e.g. from the
+user's VQ tokenizer) in [0, data.image_vocab_size): they take the same place, code c ->
+IMAGE_OFFSET + c (`encode_codes`), and `vocab_size(codebook, image_vocab_size)` grows to
+hold them. Otherwise image tokens come from a FIXED patch codebook (`data.codebook`).
 The image (uint8 HxWx3; grayscale HxW or HxWx1 is replicated to RGB) is resized with PIL
 (bilinear) to image_size x image_size if it is not already, then cut into patch_size x
 patch_size patches in raster order (grid = image_size // patch_size per side, grid**2
@@ -30,7 +33,7 @@ tokens). Each patch becomes one code:
   [BOS] [BOI] image [EOI] text [EOS]     (image first)
 
 with either part possibly absent. Specials, BOI/EOI included, count as TEXT
-modality; ids in [IMAGE_OFFSET, IMAGE_OFFSET + MAX_IMAGE_CODES) are IMAGE.
+modality; ids >= IMAGE_OFFSET (every codebook's codes and a dataset's own) are IMAGE.
 """
 
 from typing import Optional
@@ -111,10 +114,28 @@ def num_image_codes(codebook: str) -> int:
   return _NUM_CODES[codebook]
 
 
-def vocab_size(codebook: str) -> int:
-  """The smallest model.vocab_size that holds every token of `codebook`."""
+def vocab_size(codebook: str, image_vocab_size: int = 0) -> int:
+  """The smallest model.vocab_size that holds every token of `codebook` and, if
+  image_vocab_size > 0, a dataset's own image codes [0, image_vocab_size) (a multiple of
+  128: 384 for 'rgb64', 512 for 'palette', 1408 for 1024 own codes)."""
   check_codebook(codebook)
-  return _VOCAB[codebook]
+  if image_vocab_size <= 0:
+    return _VOCAB[codebook]
+  used = IMAGE_OFFSET + max(_NUM_CODES[codebook], image_vocab_size)
+  return -(-used // 128) * 128
+
+
+def encode_codes(codes, image_vocab_size: int) -> np.ndarray:
+  """A dataset's own image codes (any integer shape, raster order) -> int32 ids
+  IMAGE_OFFSET + c; a code outside [0, image_vocab_size) raises ValueError."""
+  c = np.asarray(codes).reshape(-1)
+  if c.size and not np.issubdtype(c.dtype, np.integer):
+    raise ValueError(f'image codes must be integers, got {c.dtype}')
+  bad = c[(c < 0) | (c >= image_vocab_size)]
+  if bad.size:
+    raise ValueError(f'image code {int(bad[0])} is outside [0, '
+                     f'data.image_vocab_size={image_vocab_size})')
+  return c.astype(np.int32) + IMAGE_OFFSET
 
 
 def quantise_rgb(mean_rgb) -> np.ndarray:
@@ -194,10 +215,8 @@ def decode_image(tokens, grid: int, patch_size: int = 1,
 
 
 def modality_of(tokens) -> np.ndarray:
-  """IMAGE (1) for image ids, TEXT (0) for everything else, same shape."""
-  t = np.asarray(tokens)
-  is_image = (t >= IMAGE_OFFSET) & (t < IMAGE_OFFSET + MAX_IMAGE_CODES)
-  return np.where(is_image, IMAGE, TEXT).astype(np.int32)
+  """IMAGE (1) for image ids (>= IMAGE_OFFSET), TEXT (0) for everything else, same shape."""
+  return np.where(np.asarray(tokens) >= IMAGE_OFFSET, IMAGE, TEXT).astype(np.int32)
 
 
 # ---------------------------------------------------------------------------

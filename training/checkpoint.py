@@ -16,14 +16,18 @@ the problem; nothing is ever deleted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
 ITEMS = ('state', 'data', 'meta')
+DISK_FULL = ('No space left on device', 'RESOURCE_EXHAUSTED: Error writing', 'ENOSPC')
 _ORBAX_METADATA = '_CHECKPOINT_METADATA'
 
 # Config keys a resumed run may change: where and how it runs, not what it computes
@@ -53,16 +57,47 @@ def _flatten(d: dict, prefix: str = '') -> dict:
 LEGACY_DEFAULTS = {
     'trainer': lambda saved: 'imp' if saved.get('model.family') == 'imp' else 'decoder',
     'data.codebook': lambda saved: 'rgb64',
+    'data.image_tokens_key': lambda saved: '',
+    'data.image_vocab_size': lambda saved: 0,
 }
 
 
-def config_changes(saved: dict, config) -> list[str]:
-  """'key: saved -> now' for each key that differs, other than RESUMABLE_KEYS."""
+# Keys that only shape training (the schedule, the optimizer's constants, the train batch
+# and stream): reading a trained run (eval) may take a config that differs in them, not in
+# anything that changes the function the checkpoint computes.
+TRAINING_ONLY_KEYS = ('total_steps', 'warmup_steps', 'learning_rate', 'end_lr_factor',
+                      'weight_decay', 'adam_b1', 'adam_b2', 'adam_eps', 'grad_clip',
+                      'batch_size', 'seed', 'data.train_split')
+
+
+def config_changes(saved: dict, config, free_keys: tuple[str, ...] = RESUMABLE_KEYS
+                   ) -> list[str]:
+  """'key: saved -> now' for each key that differs, other than `free_keys` (and their
+  sub-keys)."""
   a, b = _flatten(saved), _flatten(json.loads(config.to_json()))
   a.update({k: default(a) for k, default in LEGACY_DEFAULTS.items() if k not in a})
-  free = lambda k: any(k == r or k.startswith(r + '.') for r in RESUMABLE_KEYS)  # noqa: E731
+  free = lambda k: any(k == r or k.startswith(r + '.') for r in free_keys)  # noqa: E731
   return [f'{k}: {a.get(k, "<absent>")!r} -> {b.get(k, "<absent>")!r}'
           for k in sorted(set(a) | set(b)) if not free(k) and a.get(k) != b.get(k)]
+
+
+def config_from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """The locked ConfigDict of a config saved in a checkpoint's meta (JSON lists back to
+  tuples), with LEGACY_DEFAULTS filled in for keys it predates."""
+  flat = _flatten(saved)
+  missing = {k: default(flat) for k, default in LEGACY_DEFAULTS.items() if k not in flat}
+  tuples = lambda v: (tuple(tuples(x) for x in v) if isinstance(v, list)  # noqa: E731
+                      else {k: tuples(x) for k, x in v.items()} if isinstance(v, dict) else v)
+  tree = tuples(saved)
+  for key, value in missing.items():
+    *parents, leaf = key.split('.')
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  config = ml_collections.ConfigDict(tree)
+  config.lock()
+  return config
 
 
 def _key_name(k) -> str:
@@ -111,8 +146,14 @@ def _set_incomplete_aside(directory: str) -> None:
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with the items above."""
 
-  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True,
+               create: bool = True):
+    """`create=False`: a reader (eval) that creates nothing; a missing directory has no
+    steps."""
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    if not create and not os.path.isdir(self.directory):
+      raise FileNotFoundError(f'no checkpoint in {self.directory}: train first (python '
+                              f'train.py --config=... --workdir={workdir})')
     _set_incomplete_aside(self.directory)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
@@ -122,7 +163,7 @@ class Checkpointer:
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'data': ocp.JsonCheckpointHandler(),
                        'meta': ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
                                              enable_async_checkpointing=async_save))
 
   def latest_step(self) -> int | None:
@@ -132,10 +173,49 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state, data_state: dict, config_json: str) -> None:
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave({'config': json.loads(config_json)})), force=True)
+    """Start saving `step` (asynchronously). A disk that cannot hold another checkpoint the
+    size of the newest one, or a failed earlier save, stops the run with a CheckpointError
+    naming the directory; the newest complete checkpoint stays usable."""
+    self._check_space()
+    with self._disk_errors():
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(data_state),
+          meta=ocp.args.JsonSave({'config': json.loads(config_json)})), force=True)
+
+  def _check_space(self) -> None:
+    steps = self.all_steps()
+    if not steps or jax.process_index() != 0:
+      return
+    newest = self.step_dir(max(steps))
+    need = sum(os.path.getsize(os.path.join(root, f))
+               for root, _, files in os.walk(newest) for f in files)
+    free = shutil.disk_usage(self.directory).free
+    if free < need * 1.1:
+      raise CheckpointError(
+          f'no space left for the next checkpoint in {self.directory}: {free / 2**20:.1f} MiB '
+          f'free, the newest checkpoint takes {need / 2**20:.1f} MiB. Free some space and run '
+          f'again: it resumes from step {max(steps)}, the newest complete checkpoint.')
+
+  @contextlib.contextmanager
+  def _disk_errors(self):
+    """Orbax's write errors for a full disk -> one CheckpointError naming the directory."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      text = f'{type(e).__name__}: {e}'
+      if not any(s in text for s in DISK_FULL):
+        raise
+      try:  # let saves still in flight finish (or fail) before naming the newest
+        self._manager.wait_until_finished()
+      except Exception:  # pylint: disable=broad-except
+        pass
+      steps = [s for s in self.all_steps() if not _incomplete(self.step_dir(s))]
+      newest = f'step {max(steps)}' if steps else 'none yet'
+      raise CheckpointError(
+          f'the disk is full: a checkpoint could not be written in {self.directory} (newest '
+          f'complete checkpoint: {newest}; a partial one is left as *.orbax-checkpoint-tmp*, '
+          'never read). Free some space and run again to resume.') from None
 
   def step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
@@ -188,8 +268,12 @@ class Checkpointer:
                             f'({type(e).__name__}: {str(e)[:200]})') from None
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._disk_errors():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      with self._disk_errors():
+        self._manager.wait_until_finished()
+    finally:
+      self._manager.close()

@@ -16,6 +16,9 @@ training loop uses to agree on the step to checkpoint at after a SIGTERM.
 
 from __future__ import annotations
 
+import socket
+import time
+
 from absl import flags, logging
 
 FLAG_NAMES = ('coordinator_address', 'num_processes', 'process_id')
@@ -28,6 +31,8 @@ def define_flags() -> None:
                       'auto-detected on TPU pods, SLURM, Open MPI, or a single process.')
   flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-process run.')
   flags.DEFINE_integer('process_id', None, 'This process\'s index in [0, num_processes).')
+  flags.DEFINE_integer('distributed_timeout', 300, 'Seconds a process waits for all the '
+                       'others to join before it gives up (multi-process runs).')
 
 
 def check_args(coordinator_address: str | None, num_processes: int | None,
@@ -73,21 +78,71 @@ def detect_cluster():
   return None
 
 
+def _check_port_free(coordinator_address: str) -> None:
+  """Process 0 serves the coordinator: ValueError if its port is taken on this host."""
+  port = int(coordinator_address.rpartition(':')[2])
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    try:
+      s.bind(('', port))
+    except OSError as e:
+      raise ValueError(f'--coordinator_address={coordinator_address}: port {port} cannot be '
+                       f'served here ({e.strerror}): pick a free port') from None
+
+
+def _wait_for_coordinator(coordinator_address: str, timeout: int) -> None:
+  """A process other than 0: wait until the coordinator's port accepts connections, or
+  give up after `timeout` s with one ValueError (JAX's runtime would abort the process
+  with a fatal-error dump instead)."""
+  host, _, port = coordinator_address.rpartition(':')
+  logging.warning('waiting for process 0 to serve the coordinator at %s (giving up after '
+                  '%d s: --distributed_timeout)', coordinator_address, timeout)
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=1):
+        return
+    except OSError:
+      if time.monotonic() > deadline:
+        raise ValueError(f'no coordinator at --coordinator_address={coordinator_address} '
+                         f'after {timeout} s: start process 0 there (or check the address), '
+                         'or raise --distributed_timeout') from None
+      time.sleep(0.2)
+
+
+def _join(timeout: int, where: str, **kwargs) -> None:
+  """jax.distributed.initialize, saying what it waits for; one ValueError if it fails."""
+  import jax
+  logging.warning('waiting for the other processes at %s (giving up after %d s: '
+                  '--distributed_timeout)', where, timeout)
+  try:
+    jax.distributed.initialize(initialization_timeout=timeout, **kwargs)
+  except Exception as e:  # pylint: disable=broad-except  # JAX's runtime errors
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f'could not join the multi-process run at {where} within {timeout} s '
+                     f'({first[:200]}): start every process, check --coordinator_address '
+                     'and --num_processes, or raise --distributed_timeout') from None
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> str | None:
-  """Initialize jax.distributed explicitly (all three arguments) or automatically (none).
+               process_id: int | None = None, timeout: int = 300) -> str | None:
+  """Initialize jax.distributed explicitly (all three arguments) or automatically (none),
+  waiting up to `timeout` seconds for every process.
 
   Returns how: 'flags', the detected cluster's class name, or None (one process).
   """
-  import jax
-
+  if timeout <= 0:
+    raise ValueError(f'--distributed_timeout={timeout} must be > 0 seconds')
   if check_args(coordinator_address, num_processes, process_id):
     logging.info('jax.distributed.initialize: process %d of %d, coordinator %s',
                  process_id, num_processes, coordinator_address)
+    if process_id == 0:
+      _check_port_free(coordinator_address)
+    else:
+      _wait_for_coordinator(coordinator_address, timeout)
     # 'deactivate': flags are the whole truth; no cluster may restrict the visible devices.
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id,
-                               cluster_detection_method='deactivate')
+    _join(timeout, coordinator_address, coordinator_address=coordinator_address,
+          num_processes=num_processes, process_id=process_id,
+          cluster_detection_method='deactivate')
     return 'flags'
   env = detect_cluster()
   if env is None:
@@ -105,10 +160,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     return None
   logging.info('%s detected with %d processes: jax.distributed.initialize()', env.__name__,
                int(count))
-  jax.distributed.initialize()
+  _join(timeout, f'the {env.__name__} coordinator')
   return env.__name__
 
 
 def initialize_from_flags() -> str | None:
   """`initialize` with the values of the flags from `define_flags`."""
-  return initialize(*(flags.FLAGS[name].value for name in FLAG_NAMES))
+  return initialize(*(flags.FLAGS[name].value for name in FLAG_NAMES),
+                    timeout=flags.FLAGS.distributed_timeout)

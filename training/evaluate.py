@@ -241,7 +241,7 @@ def restore_latest(config, workdir: str):
   """-> (mesh, state layout, state, step) of the newest checkpoint in `workdir`."""
   mesh = partitioning.make_mesh(config.mesh)
   layout = state_lib.state_layout(config, mesh)
-  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.max_checkpoints)
+  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.max_checkpoints, create=False)
   try:
     step = ckpt.latest_step()
     if step is None:

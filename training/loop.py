@@ -33,6 +33,7 @@ def train(config, workdir: str, *, stop_at: int | None = None,
   `allow_config_change`. Returns the last logged scalars.
   """
   validate(config, jax.device_count())
+  pipeline.check_seq_len(config.data, config.seq_len)
   stage = stages.stage_of(config)
   main_workdir, workdir = workdir, stages.run_dir(config, workdir)
   with Run(config, workdir, allow_config_change=allow_config_change) as run:
@@ -43,9 +44,7 @@ def train(config, workdir: str, *, stop_at: int | None = None,
         process_count=jax.process_count())
     init = warm_start.INITIALIZERS[stages.initializer(config)]
     state, data_state, start = run.restore_or_init(
-        lambda: init(config, layout, main_workdir))
-    if data_state is not None:
-      data_iter.set_state(data_state)
+        lambda: init(config, layout, main_workdir), set_data_state=data_iter.set_state)
 
     names = tokenizer.MODALITIES
     step_fn = functools.partial(step_lib.train_step, graphdef=layout.graphdef, tx=layout.tx,

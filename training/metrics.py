@@ -17,14 +17,21 @@ from absl import logging
 
 
 class MetricWriter:
-  """Appends rows to metrics.jsonl and TensorBoard; a no-op on processes other than 0."""
+  """Appends rows to metrics.jsonl and TensorBoard; a no-op on processes other than 0.
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  `resume_step`: the step the run starts from. Rows logged past it by an earlier run (the
+  steps after its last checkpoint, which this run repeats) are dropped, and a last line
+  torn by a kill is cut off, so every step appears once and each line is whole.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None):
     self.enabled = enabled
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
+      if resume_step is not None:
+        _keep_rows_up_to(self.path, resume_step)
       from tensorboardX import SummaryWriter  # heavy import, only where used
       self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
 
@@ -51,12 +58,53 @@ def _jsonable(v):
   return v
 
 
+def _parse_lines(path: str) -> tuple[list[tuple[int, dict]], list[int], bool]:
+  """-> ([(line number, row)], numbers of bad lines, whether the last line is torn)."""
+  with open(path) as f:
+    text = f.read()
+  rows, bad = [], []
+  lines = text.split('\n')
+  torn = bool(lines[-1])  # no newline after the last line: cut by a kill mid-write
+  for i, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+      if not isinstance(row, dict) or not isinstance(row.get('step'), int):
+        raise ValueError
+      rows.append((i, row))
+    except ValueError:
+      bad.append(i)
+  return rows, bad, torn
+
+
+def _keep_rows_up_to(path: str, step: int) -> None:
+  """Rewrite `path` (atomically) with its whole rows of steps <= `step`."""
+  if not os.path.exists(path):
+    return
+  rows, bad, torn = _parse_lines(path)
+  keep = [row for _, row in rows if row['step'] <= step]
+  if len(keep) == len(rows) and not bad and not torn:
+    return
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.writelines(json.dumps(row) + '\n' for row in keep)
+  os.replace(tmp, path)
+  logging.warning('%s: kept the %d rows up to step %d (dropped %d rows past it, %d bad '
+                  'lines%s)', path, len(keep), step, len(rows) - len(keep), len(bad),
+                  ', the last one torn' if torn else '')
+
+
 def read_metrics(workdir: str) -> list[dict]:
+  """metrics.jsonl's rows; a line that is not a row is skipped with a warning naming it."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  rows, bad, _ = _parse_lines(path)
+  if bad:
+    logging.warning('%s: skipped line(s) %s: not a metrics row', path,
+                    ', '.join(map(str, bad[:10])) + (' ...' if len(bad) > 10 else ''))
+  return [row for _, row in rows]
 
 
 def summarise(step_metrics: list[dict], modality_names) -> dict[str, float]:
@@ -137,13 +185,20 @@ def log_console(line: str) -> None:
 
 
 class _LibraryInfoFilter(logging_std.Filter):
-  """Drops INFO chatter from libraries (Orbax logs ~40 lines per save); keeps warnings."""
+  """Drops INFO chatter from libraries (Orbax logs ~40 lines per save); keeps warnings,
+  except the tracebacks Orbax's background threads and asyncio log for a full disk (one per
+  array): the run stops with one line saying so (training/checkpoint.py)."""
 
   NOISY = ('/orbax/', '/grain/', '/tensorflow_datasets/', '/array_record/')
+  DISK_FULL = ('No space left on device', 'RESOURCE_EXHAUSTED: Error writing',
+               'Event loop is closed')
 
   def filter(self, record):
-    return (record.levelno >= logging_std.WARNING
-            or not any(s in record.pathname for s in self.NOISY))
+    noisy = any(s in record.pathname for s in self.NOISY) or record.name == 'asyncio'
+    if noisy and record.levelno >= logging_std.ERROR:
+      text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else '')
+      return not any(s in text for s in self.DISK_FULL)
+    return record.levelno >= logging_std.WARNING or not noisy
 
 
 def quiet_library_logs() -> None:

@@ -4,14 +4,17 @@ writer, compile-time logging, throughput, and the step loop with its guard rails
 
 Guard rails: every step's loss is checked for NaN/Inf (lazily, in batches at log and save
 points, so the host never stalls the device); the first bad step stops the run by name and
-nothing after the last good check is saved. SIGTERM checkpoints the step reached and
-returns normally (exit 0); with several processes all of them checkpoint the same step
-(`_Preemption`). A workdir whose checkpoint holds another config is refused (`resume`).
+nothing after the last good check is saved. SIGTERM and Ctrl-C (SIGINT) checkpoint the step
+reached and return normally (exit 0); a second Ctrl-C stops at once; with several processes
+all of them checkpoint the same step (`_Preemption`). A workdir whose checkpoint holds
+another config is refused (`resume`); a workdir another live run holds is refused
+(training/lock.py).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from typing import Callable
@@ -20,7 +23,7 @@ import jax
 from absl import logging
 
 from core import partitioning
-from training import checkpoint, metrics, state as state_lib
+from training import checkpoint, lock as lock_lib, metrics, state as state_lib
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -28,38 +31,48 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _Preemption:
-  """SIGTERM -> checkpoint at a step boundary and return.
+  """SIGTERM or SIGINT (Ctrl-C) -> checkpoint at a step boundary and return; a second SIGINT
+  raises KeyboardInterrupt at once (nothing more is saved; the last checkpoint stays).
 
-  One process: a Python SIGTERM handler sets a flag that `check(step)` reads. Several
-  processes: SIGTERM may reach only some of them, and all must save the same step (the save
-  is collective), so the decision is collective too: JAX's preemption sync manager (started
+  One process: a Python handler sets a flag that `check(step)` reads. Several processes:
+  the signal may reach only some of them, and all must save the same step (the save is
+  collective), so the decision is collective too: JAX's preemption sync manager (started
   by jax.distributed.initialize, with its own SIGTERM handler, which ours must not replace)
   tells every process the first step after the notice that all can reach
-  (`reached_preemption_sync_point`, called once per step). Without that manager the local
-  flags are OR-ed over the processes at every step (a small all-gather).
+  (`reached_preemption_sync_point`, called once per step); a Ctrl-C is turned into a
+  SIGTERM to this process for it. Without that manager the local flags are OR-ed over the
+  processes at every step (a small all-gather).
   """
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self._previous: dict[int, object] = {}
     self._multi = jax.process_count() > 1
     self._sync = self._multi and self._sync_manager() is not None
 
+  def _handler(self, signum, frame):
+    name = signal.Signals(signum).name
+    if signum == signal.SIGINT and self.requested:
+      raise KeyboardInterrupt  # the second Ctrl-C: stop now
+    self.requested = True
+    if signum == signal.SIGINT and self._sync:
+      os.kill(os.getpid(), signal.SIGTERM)  # the sync manager's notice
+    logging.warning('%s received: checkpointing at the next step boundary%s.', name,
+                    ' (Ctrl-C again to stop at once)' if signum == signal.SIGINT else '')
+
   def __enter__(self):
-    if self._sync:  # the sync manager's handler is installed; keep it
-      return self
-    def handler(signum, frame):
-      logging.warning('SIGTERM received: checkpointing at the next step boundary.')
-      self.requested = True
-    try:
-      self._previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. some test runners): no handler
-      self._previous = None
+    # With the sync manager its SIGTERM handler is installed; keep it.
+    signums = (signal.SIGINT,) if self._sync else (signal.SIGTERM, signal.SIGINT)
+    for signum in signums:
+      try:
+        self._previous[signum] = signal.signal(signum, self._handler)
+      except ValueError:  # not the main thread (e.g. some test runners): no handler
+        pass
     return self
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
   def check(self, step: int) -> bool:
     """Whether to checkpoint `step` and stop; call once per step, at every step."""
@@ -126,7 +139,7 @@ def run_steps(config, mesh, start: int, end: int, *, take_step, on_log, save) ->
       if is_save:
         save(step)
       if preempted:
-        logging.warning('checkpointed step %d after SIGTERM; exiting.', step)
+        logging.warning('checkpointed step %d after the stop signal; exiting.', step)
         break
   return last
 
@@ -147,10 +160,55 @@ def resume(ckpt, start: int, config, abstract, workdir: str, allow_config_change
   return ckpt.restore(start, abstract)
 
 
+def config_of_run(workdir: str, given=None, *, allow_config_change: bool = False):
+  """The config to read the run in `workdir` with (eval and every other reader of a run):
+  the one saved with its newest checkpoint. `given` (a --config) is used instead when it
+  computes the same model on the same data: it may differ in RESUMABLE_KEYS (the eval
+  keys, the mesh) and TRAINING_ONLY_KEYS (the schedule); any other difference is a
+  ValueError naming the keys, unless `allow_config_change`. Creates nothing."""
+  ckpt = checkpoint.Checkpointer(workdir, create=False)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {ckpt.directory}: train first (python '
+                              f'train.py --config=... --workdir={workdir})')
+    saved = ckpt.read_config(step)
+  finally:
+    ckpt.close()
+  if given is None:
+    return checkpoint.config_from_saved(saved)
+  changes = checkpoint.config_changes(
+      saved, given, checkpoint.RESUMABLE_KEYS + checkpoint.TRAINING_ONLY_KEYS)
+  if changes and not allow_config_change:
+    raise ValueError(
+        f'--config is not the config {workdir} was trained with (checkpoint step {step}): '
+        + '; '.join(changes) + '. Leave out --config to use the saved one, or pass '
+        '--allow_config_change to evaluate with this config anyway.')
+  if changes:
+    logging.warning('reading %s with a changed config (--allow_config_change): %s', workdir,
+                    '; '.join(changes))
+  return given
+
+
+def prepare_workdir(workdir: str) -> str:
+  """Create `workdir` if needed; ValueError naming it when it cannot hold a run."""
+  if not workdir:
+    raise ValueError('--workdir is empty: give the run directory, e.g. --workdir=runs/mine')
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f'--workdir={workdir} is a file, not a directory')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f'cannot create --workdir={workdir}: {e.strerror}') from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise ValueError(f'--workdir={workdir} is not writable')
+  return workdir
+
+
 class Run:
-  """A run's shared pieces in WORKDIR: `mesh`, `layout` (training/state.py), `ckpt`,
-  `writer` (once `restore_or_init` has succeeded); `restore_or_init` and `compile`. Close it
-  (`with Run(...) as run:`)."""
+  """A run's shared pieces in WORKDIR: `mesh`, `layout` (training/state.py), `lock`
+  (training/lock.py), `ckpt`, `writer` (once `restore_or_init` has succeeded);
+  `restore_or_init` and `compile`. Close it (`with Run(...) as run:`)."""
 
   def __init__(self, config, workdir: str, *, allow_config_change: bool = False):
     self.config, self.workdir = config, workdir
@@ -160,20 +218,41 @@ class Run:
     logging.info('mesh %s over %d devices (%d processes)', dict(self.mesh.shape),
                  jax.device_count(), jax.process_count())
     self.layout = state_lib.state_layout(config, self.mesh)
-    self.ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.max_checkpoints)
+    if self.is_chief:
+      prepare_workdir(workdir)
+    self.lock = lock_lib.WorkdirLock(workdir, enabled=self.is_chief,
+                                     processes=jax.process_count())
+    self.lock.acquire()
     self.writer = None  # opened by restore_or_init: a refused workdir gets no new file
+    try:
+      self.ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.max_checkpoints)
+    except BaseException:
+      self.lock.release()
+      raise
 
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc):
-    self.ckpt.close()
-    if self.writer is not None:
-      self.writer.close()
+  def __exit__(self, exc_type, exc, tb):
+    try:
+      try:
+        self.ckpt.close()
+      except checkpoint.CheckpointError:
+        if exc_type is None:
+          raise
+        # the run is already stopping with its own error, usually the same one
+      if self.writer is not None:
+        self.writer.close()
+    finally:
+      self.lock.release()
 
-  def restore_or_init(self, init: Callable[[], tuple]) -> tuple:
+  def restore_or_init(self, init: Callable[[], tuple],
+                      set_data_state: Callable[[dict], None] | None = None) -> tuple:
     """-> (state, data state or None, start step): the newest complete checkpoint in
-    WORKDIR (its config checked, `resume`), else `init()` -> (state, data state or None)."""
+    WORKDIR (its config checked, `resume`), else `init()` -> (state, data state or None).
+    `set_data_state(data state)` then restores the input pipeline (a state it cannot take
+    is a CheckpointError naming the step). Only then is the writer opened: metrics.jsonl
+    keeps the rows up to the start step (training/metrics.py)."""
     start = self.ckpt.latest_step()
     if start is not None:
       state, data_state = resume(self.ckpt, start, self.config, self.layout.abstract,
@@ -181,10 +260,25 @@ class Run:
       start = int(start)
     else:
       (state, data_state), start = init(), 0
+    if data_state is not None and set_data_state is not None:
+      self._set_data_state(lambda: set_data_state(data_state), start)
     logging.info('model: %s, %.2fM parameters', self.config.model.family,
                  state_lib.count_params(state['params']) / 1e6)
-    self.writer = metrics.MetricWriter(self.workdir, enabled=self.is_chief)
+    self.writer = metrics.MetricWriter(self.workdir, enabled=self.is_chief, resume_step=start)
     return state, data_state, start
+
+  def _set_data_state(self, set_state: Callable[[], None], start: int) -> None:
+    """`set_state()` restores the input pipeline's position read from checkpoint `start`;
+    a state it cannot take (a corrupted or hand-edited `data` item) is one CheckpointError
+    naming the step directory."""
+    try:
+      set_state()
+    except Exception as e:  # pylint: disable=broad-except  # Grain / IMP iterators
+      raise checkpoint.CheckpointError(
+          f'the data-iterator state in {self.ckpt.step_dir(start)}/data cannot be restored '
+          f'({type(e).__name__}: {str(e)[:200]}). It is left as it is: move that step away '
+          f'to resume from an earlier one (steps here: {self.ckpt.all_steps()}), or use '
+          'another --workdir.') from None
 
   @staticmethod
   def compile(jitted, *args, what: str = 'the train step'):

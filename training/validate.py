@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 
+import jax
+
 from core import partitioning
-from data import tokenizer
+from data import pipeline, tokenizer
 from models import families
 from training import stages
 
@@ -49,6 +51,10 @@ def validate_common(config, num_devices: int, *, skip: tuple[str, ...] = ()
     value = _get(config, key)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
       raise ValueError(f'config.{key} must be a positive integer, got {value!r}')
+  n = config.eval.num_examples
+  if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+    raise ValueError(f'config.eval.num_examples must be a non-negative integer (0 = the '
+                     f'whole eval split), got {n!r}')
   if config.warmup_steps < 0 or config.warmup_steps >= config.total_steps:
     raise ValueError(f'config.warmup_steps={config.warmup_steps} must be in '
                      f'[0, total_steps={config.total_steps})')
@@ -62,13 +68,17 @@ def validate_common(config, num_devices: int, *, skip: tuple[str, ...] = ()
   for key in ('param_dtype', 'compute_dtype'):
     if config[key] not in DTYPES:
       raise ValueError(f'config.{key}={config[key]!r} is not one of {DTYPES}')
+    if config[key] == 'float16' and jax.default_backend() == 'cpu':
+      raise ValueError(f"config.{key}='float16' does not run on CPU (XLA's CPU matmuls "
+                       "have no float16): use bfloat16 or float32")
   m = config.model
-  codebook = config.data.get('codebook', 'rgb64')
-  tokenizer.check_codebook(codebook)
-  if m.vocab_size < tokenizer.vocab_size(codebook):
+  pipeline.check_config(config.data)
+  codebook = pipeline.codebook(config.data)
+  needed = tokenizer.vocab_size(codebook, pipeline.image_vocab_size(config.data))
+  if m.vocab_size < needed:
     raise ValueError(f'config.model.vocab_size={m.vocab_size} is smaller than the tokenizer '
-                     f'vocabulary of data.codebook={codebook!r} '
-                     f'({tokenizer.vocab_size(codebook)})')
+                     f'vocabulary of data.codebook={codebook!r} and data.image_vocab_size='
+                     f'{pipeline.image_vocab_size(config.data)} ({needed})')
   if m.num_heads * m.head_dim != m.embed_dim:
     raise ValueError(f'model.num_heads={m.num_heads} x model.head_dim={m.head_dim} must '
                      f'equal model.embed_dim={m.embed_dim}')

@@ -53,12 +53,15 @@ def _fit_to_mesh(abstract, mesh):
 
 def read_source_config(src_workdir: str) -> tuple[ml_collections.ConfigDict, int]:
   """-> (the config of the latest checkpoint in `src_workdir`, its step); no arrays read."""
-  ckpt = checkpoint.Checkpointer(src_workdir)
+  if not os.path.isdir(os.path.join(src_workdir, 'checkpoints')):
+    raise ValueError(f'no checkpoint in {os.path.join(src_workdir, "checkpoints")} to start '
+                     'from')
+  ckpt = checkpoint.Checkpointer(src_workdir, create=False)
   try:
     step = ckpt.latest_step()
     if step is None:
       raise ValueError(f'no checkpoint in {ckpt.directory} to start from')
-    return ml_collections.ConfigDict(ckpt.read_config(step)), int(step)
+    return checkpoint.config_from_saved(ckpt.read_config(step)), int(step)
   finally:
     ckpt.close()
 
@@ -68,7 +71,7 @@ def restore_params(src_workdir: str, mesh):
   checkpoint in `src_workdir`."""
   src_config, step = read_source_config(src_workdir)
   layout = state_lib.state_layout(src_config, mesh)
-  ckpt = checkpoint.Checkpointer(src_workdir)
+  ckpt = checkpoint.Checkpointer(src_workdir, create=False)
   try:
     state, data_state = ckpt.restore(step, _fit_to_mesh(layout.abstract, mesh))
   finally:

@@ -126,12 +126,13 @@ def train(config, workdir: str, *, stop_at: int | None = None,
     iters = {n: imp_tasks.make_task_iterator(
         n, t, config.data, seed=config.seed + i, process_index=jax.process_index(),
         process_count=jax.process_count()) for i, (n, t) in enumerate(tasks.items())}
-    state, data_state, start = run.restore_or_init(
-        lambda: (state_lib.init_state(config, layout), None))
-    if data_state is not None:
+    def set_data_state(data_state: dict) -> None:
       schedule.set_state(data_state['schedule'])
       for n, it in iters.items():
         it.set_state(data_state['tasks'][n])
+
+    state, _, start = run.restore_or_init(
+        lambda: (state_lib.init_state(config, layout), None), set_data_state=set_data_state)
     logging.info('IMP %s, schedule %s, tasks %s', mode, config.agd.schedule, kinds)
 
     counter: list = []
