@@ -1,15 +1,10 @@
 """MoMa: modality-aware mixture of experts (Lin et al. 2024, arXiv 2407.21770).
 
 The FFN of every layer is a set of expert groups, one per modality (plus, optionally, a
-shared pool any modality may use: the MoIIE form). Routing is hierarchical:
-
-    1. tokens are partitioned by their modality id (deterministic, no parameters);
-    2. inside group m, expert-choice routing over that group's experts E_m:
-         s = sigmoid(x W_r[:, E_m])                         [G, S, |E_m|]   (float32)
-         expert j takes the top C_m = ceil(S * c_m) tokens of modality m by s[:, j], of which
-         the first ceil(b_m * c_m) count, b_m = number of modality-m tokens in the group;
-         y_i = sum over experts j that took i of s[i, j] * FFN_j(x_i)    (not renormalised)
-       A token no expert took gets 0 from the FFN and rides the residual. No balance loss.
+shared pool any modality may use: the MoIIE form). Routing is hierarchical: tokens are
+partitioned by modality, then expert-choice routing runs inside each modality's group (the
+formulas are in moe/modality.py, which owns the routing); a token no expert took gets 0 from
+the FFN and rides the residual. No balance loss.
 
 All groups' experts live in ONE stacked `Experts` [E_total, D, F] (group m owns the slice
 `offsets[m] : offsets[m] + E_m`), and the routing (moe/modality.py, which owns it with the

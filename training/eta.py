@@ -32,6 +32,8 @@ import statistics
 
 import numpy as np
 
+from training import metrics
+
 MODALITIES = ('text', 'image')
 PANELS = MODALITIES + ('overall',)
 NOISE_Z = 2.0  # "beyond seed noise": more than this many standard errors apart
@@ -190,19 +192,8 @@ def _other_run(workdir: str, run: dict) -> str | None:
 
 
 def _tokens_per_s(workdir: str) -> list[float]:
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  values = []
-  with open(path) as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if 'perf/tokens_per_s' in row:
-        values.append(float(row['perf/tokens_per_s']))
-  return values
+  return [float(r['perf/tokens_per_s']) for r in metrics.read_metrics(workdir)
+          if 'perf/tokens_per_s' in r]
 
 
 def _stats(values) -> dict:

@@ -146,15 +146,11 @@ def run_steps(config, mesh, start: int, end: int, *, take_step, on_log, save) ->
 
 def resume(ckpt, start: int, config, abstract, workdir: str, allow_config_change: bool):
   """-> (state, data iterator state) of checkpoint `start`, after checking its config."""
-  changes = checkpoint.config_changes(ckpt.read_config(start), config)
-  if changes and not allow_config_change:
-    raise ValueError(
-        f'{workdir} holds a run of another config (checkpoint step {start}): '
-        + '; '.join(changes) + '. Use another --workdir, or pass --allow_config_change '
-        'to resume it with this config.')
-  if changes:
-    logging.warning('resuming with a changed config (--allow_config_change): %s',
-                    '; '.join(changes))
+  _refuse_or_warn(
+      checkpoint.config_changes(ckpt.read_config(start), config), allow_config_change,
+      f'{workdir} holds a run of another config (checkpoint step {start}): {{}}. Use another '
+      '--workdir, or pass --allow_config_change to resume it with this config.',
+      'resuming')
   logging.info('resuming from %s/%d (the newest complete checkpoint)', ckpt.directory,
                start)
   return ckpt.restore(start, abstract)
@@ -177,17 +173,23 @@ def config_of_run(workdir: str, given=None, *, allow_config_change: bool = False
     ckpt.close()
   if given is None:
     return checkpoint.config_from_saved(saved)
-  changes = checkpoint.config_changes(
-      saved, given, checkpoint.RESUMABLE_KEYS + checkpoint.TRAINING_ONLY_KEYS)
-  if changes and not allow_config_change:
-    raise ValueError(
-        f'--config is not the config {workdir} was trained with (checkpoint step {step}): '
-        + '; '.join(changes) + '. Leave out --config to use the saved one, or pass '
-        '--allow_config_change to evaluate with this config anyway.')
-  if changes:
-    logging.warning('reading %s with a changed config (--allow_config_change): %s', workdir,
-                    '; '.join(changes))
+  _refuse_or_warn(
+      checkpoint.config_changes(saved, given,
+                                checkpoint.RESUMABLE_KEYS + checkpoint.TRAINING_ONLY_KEYS),
+      allow_config_change,
+      f'--config is not the config {workdir} was trained with (checkpoint step {step}): {{}}. '
+      'Leave out --config to use the saved one, or pass --allow_config_change to evaluate '
+      'with this config anyway.', f'reading {workdir}')
   return given
+
+
+def _refuse_or_warn(changes: list[str], allowed: bool, refusal: str, doing: str) -> None:
+  """ValueError `refusal` (its {} = the changes) unless `allowed`; then only a warning."""
+  if changes and not allowed:
+    raise ValueError(refusal.format('; '.join(changes)))
+  if changes:
+    logging.warning('%s with a changed config (--allow_config_change): %s', doing,
+                    '; '.join(changes))
 
 
 def prepare_workdir(workdir: str) -> str:

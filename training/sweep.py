@@ -30,7 +30,7 @@ from typing import Callable
 
 from configs import sweeps
 from models import transformer
-from training import flops, state as state_lib
+from training import flops, metrics, state as state_lib
 from training.validate import validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -209,22 +209,8 @@ def build_plan(preset: str | dict, *, data: str | None = None, check: bool = Tru
 # Time estimates
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  rows = []
-  with open(path) as f:
-    for line in f:
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue  # a line cut by a kill
-  return rows
-
-
 def median_tokens_per_s(workdirs: list[str]) -> float | None:
-  values = [r['perf/tokens_per_s'] for w in workdirs for r in read_metrics(w)
+  values = [r['perf/tokens_per_s'] for w in workdirs for r in metrics.read_metrics(w)
             if 'perf/tokens_per_s' in r]
   return statistics.median(values) if values else None
 
