@@ -289,7 +289,8 @@ def test_a_real_full_disk_is_one_line_and_the_newest_checkpoint_stays(data_dir, 
   mnt.mkdir()
   if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=3M', 'tmpfs', str(mnt)],
                     capture_output=True).returncode:
-    pytest.skip('cannot mount a small tmpfs here (needs root); the test above injects it')
+    pytest.skip('a real full disk needs a small tmpfs, and mounting one needs root with '
+                'mount rights; the test above covers the same path by injecting the error')
   try:
     proc = _launch(mnt / 'run', data_dir, total_steps=40, checkpoint_every=2)
     _, stderr = proc.communicate(timeout=300)

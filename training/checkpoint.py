@@ -185,7 +185,7 @@ class Checkpointer:
 
   def _check_space(self) -> None:
     steps = self.all_steps()
-    if not steps or jax.process_index() != 0:
+    if not steps or jax.process_count() > 1:  # the save is collective: no one-sided refusal
       return
     newest = self.step_dir(max(steps))
     need = sum(os.path.getsize(os.path.join(root, f))
