@@ -1,5 +1,13 @@
-# Two commands on a fresh machine with python3:  make train  |  make test
-PYTHON ?= python3
+# Two commands on a fresh machine:  make train  |  make test
+# The stack needs Python >= 3.12 (tokamax, jax 0.11): PYTHON=/path/to/python3.12 picks one;
+# otherwise the first of python3.12, python3.13, python3.14, python3 (and pyenv's installed
+# versions) that runs and is >= 3.12.
+ifndef PYTHON
+PYTHON := $(shell for p in python3.12 python3.13 python3.14 python3 \
+  $$(ls -d "$${PYENV_ROOT:-$$HOME/.pyenv}"/versions/3.1[2-9]*/bin/python3 2>/dev/null); do \
+  $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1 && { echo $$p; break; }; \
+  done)
+endif
 VENV := .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/moma.py:tiny
@@ -9,6 +17,13 @@ WORKDIR ?= runs/default
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
+	@test -x $(PY) || test -n "$(PYTHON)" || { echo "make: no Python >= 3.12 found (tried" \
+	  "python3.12, python3.13, python3.14, python3, pyenv versions); install one or pass" \
+	  "PYTHON=/path/to/python3.12" >&2; exit 1; }
+	@test -x $(PY) || $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 12))' || { \
+	  echo "make: PYTHON=$(PYTHON) is $$($(PYTHON) --version 2>&1); the stack needs" \
+	  "Python >= 3.12" >&2; exit 1; }
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null || rm -rf $(VENV)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt

@@ -56,7 +56,7 @@ def main(argv):
                                allow_config_change=_ALLOW_CHANGE.value)
     return trainers.get(config).evaluate(config, _WORKDIR.value)
 
-  print(json.dumps(cli.run('eval.py', evaluate), indent=1))
+  print(json.dumps(cli.run('eval.py', evaluate, workdir=_WORKDIR.value), indent=1))
 
 
 if __name__ == '__main__':

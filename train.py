@@ -35,7 +35,7 @@ def main(argv):
                jax.default_backend())
   config = _CONFIG.value
   cli.run('train.py', lambda: trainers.get(config).train(
-      config, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value))
+      config, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value), workdir=_WORKDIR.value)
 
 
 if __name__ == '__main__':

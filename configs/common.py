@@ -146,6 +146,9 @@ def base_config(size: str, data: str = 'shapes') -> ml_collections.ConfigDict:
   c.model.mlp_dim = s['mlp_dim']
   c.model.rope_theta = 10_000.0
   c.model.attention_impl = ''  # '' (JAX picks) | 'xla' | 'cudnn'
+  # grouped-matmul kernel of dropless MoE and MoT (moe/grouped.py): 'auto' | 'ragged_dot' |
+  # 'tokamax' | 'blocks' | 'batched'; all compute the same function
+  c.model.grouped_impl = 'auto'
   c.model.remat = big
 
   c.total_steps = s['total_steps']

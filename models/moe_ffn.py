@@ -10,8 +10,9 @@ from moe import layer as moe_layer
 from moe import routing
 
 
-def moe_spec_from_config(moe_cfg) -> moe_layer.MoESpec:
-  """A `model.moe`-like config block -> MoESpec (also MoT's MoE modality)."""
+def moe_spec_from_config(moe_cfg, grouped_impl: str = 'auto') -> moe_layer.MoESpec:
+  """A `model.moe`-like config block -> MoESpec (also MoT's MoE modality); `grouped_impl`:
+  config.model.grouped_impl."""
   dropless = moe_cfg.dispatch == 'dropless'
   router = routing.RouterConfig(
       name=moe_cfg.router, k=moe_cfg.k,
@@ -21,7 +22,8 @@ def moe_spec_from_config(moe_cfg) -> moe_layer.MoESpec:
   return moe_layer.MoESpec(
       num_experts=moe_cfg.num_experts, mlp_dim=moe_cfg.mlp_dim, router=router,
       dispatch=moe_cfg.dispatch, group_size=moe_cfg.group_size,
-      num_shared_experts=moe_cfg.num_shared_experts, residual=moe_cfg.residual)
+      num_shared_experts=moe_cfg.num_shared_experts, residual=moe_cfg.residual,
+      grouped_impl=grouped_impl)
 
 
 def is_moe_layer(spec, layer: int) -> bool:
@@ -88,7 +90,8 @@ def validate(config, sizes) -> None:
 
 FAMILY = family_lib.Family(
     name='moe',
-    spec_fields=lambda model_cfg, stage: {'moe': moe_spec_from_config(model_cfg.moe),
+    spec_fields=lambda model_cfg, stage: {'moe': moe_spec_from_config(model_cfg.moe,
+                                                                        model_cfg.grouped_impl),
                                           'moe_every': model_cfg.moe.every},
     block=block,
     layer_params=layer_params,

@@ -360,7 +360,7 @@ class MoTBlock(nnx.Module):
 # The MoT family (models/family.py): config -> spec, parameters, checks.
 
 
-def mot_spec_from_config(mot_cfg) -> MoTSpec:
+def mot_spec_from_config(mot_cfg, grouped_impl: str = 'auto') -> MoTSpec:
   names = tokenizer.MODALITIES
   untie = frozenset(p.strip() for p in mot_cfg.untie.split(',') if p.strip())
   moe_modality = moe = None
@@ -369,9 +369,10 @@ def mot_spec_from_config(mot_cfg) -> MoTSpec:
       raise ValueError(f'model.mot.moe_modality={mot_cfg.moe_modality!r} is not one of '
                        f'{names}')
     moe_modality, moe = names.index(mot_cfg.moe_modality), moe_ffn.moe_spec_from_config(
-        mot_cfg.moe)
+        mot_cfg.moe, grouped_impl)
   return MoTSpec(untie=untie, num_modalities=len(names), qk_norm=mot_cfg.qk_norm,
-                 norm=mot_cfg.norm, moe_modality=moe_modality, moe=moe)
+                 norm=mot_cfg.norm, moe_modality=moe_modality, moe=moe,
+                 grouped_impl=grouped_impl)
 
 
 def _layer_params(spec, layer: int, active: bool) -> float:
@@ -405,7 +406,8 @@ def _validate(config, sizes) -> None:
 
 FAMILY = family_lib.Family(
     name='mot',
-    spec_fields=lambda model_cfg, stage: {'mot': mot_spec_from_config(model_cfg.mot)},
+    spec_fields=lambda model_cfg, stage: {'mot': mot_spec_from_config(model_cfg.mot,
+                                                                       model_cfg.grouped_impl)},
     block=lambda spec, layer, rngs: MoTBlock(spec, rngs=rngs),
     layer_params=_layer_params,
     validate=_validate,

@@ -6,11 +6,15 @@
       row's slot in the kernel layout; one gather places the rows, one brings them back
       (no argsort, and no scatter in either direction).
 
-Rows of group j are contiguous in the kernel layout. Three kernels:
+Rows of group j are contiguous in the kernel layout. Four kernels:
 
   'ragged_dot'  `jax.lax.ragged_dot`: a grouped-matmul kernel on TPU (FLOPs ~ N·D·F).
                 XLA:CPU and XLA:GPU lower it to a dense product over all E experts (E x the
                 FLOPs), so it is not used there by default.
+  'tokamax'     `tokamax.ragged_dot` (tokamax, DeepMind's Pallas kernel library): its Mosaic
+                GPU / Mosaic TPU / Triton grouped matmul where the device has one, XLA's
+                ragged_dot otherwise (so on CPU it computes what 'ragged_dot' does, at the
+                same E x cost). Never picked by 'auto' until measured on a GPU (docs/moe.md).
   'blocks'      MegaBlocks-style: each group is padded to a multiple of `block` rows, the
                 padded rows are cut into blocks that each belong to one expert, and a
                 loop over the used blocks runs one [block, D] x [D, F] SwiGLU per block
@@ -29,7 +33,7 @@ Rows of group j are contiguous in the kernel layout. Three kernels:
 H100) XLA lowers `ragged_dot` to a dense product over all E experts, as XLA:CPU does: the
 dropless layer took 8.3x (float32) / 8.5x (bfloat16) a dense FFN of equal active FLOPs with
 it, 2.0x / 2.2x with 'batched' at block 512, and 7.6x / 10.9x with the loop of 'blocks'
-(benchmarks/moe_layer.py; docs/moe.md). All three compute the same function
+(benchmarks/moe_layer.py; docs/moe.md). All four compute the same function
 (tests/test_dispatch.py and tests/test_mot.py compare them with per-row references).
 This module is the API; the kernels are in moe/kernels.py and the row layout of the `_rows`
 calls in moe/rows.py.
@@ -52,8 +56,8 @@ def grouped_swiglu(x_ND: jax.Array, w_gate_EDF: jax.Array, w_up_EDF: jax.Array,
   impl = kernels.resolve(impl)
   block = block or BLOCK.get(impl, 1)
   sizes = group_sizes_E.astype(jnp.int32)
-  if impl == 'ragged_dot':
-    return kernels.swiglu_ragged(x_ND, w_gate_EDF, w_up_EDF, w_down_EFD, sizes)
+  if impl in kernels.RAGGED:
+    return kernels.swiglu_ragged(x_ND, w_gate_EDF, w_up_EDF, w_down_EFD, sizes, impl)
   return kernels.swiglu_blocks(x_ND, w_gate_EDF, w_up_EDF, w_down_EFD, sizes, block,
                         batched=impl == 'batched')
 

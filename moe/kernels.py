@@ -1,5 +1,6 @@
 """The grouped-matmul kernels behind moe/grouped.py (its docstring describes them): 'ragged_dot'
-(`jax.lax.ragged_dot`), 'blocks' (a loop over padded blocks, or chunk GEMMs for the row
+(`jax.lax.ragged_dot`), 'tokamax' (`tokamax.ragged_dot`: its Pallas kernels on GPU/TPU, XLA's
+ragged_dot elsewhere), 'blocks' (a loop over padded blocks, or chunk GEMMs for the row
 calls) and 'batched' (every block in one batched matmul), with their custom VJPs, and the
 choice among them ('auto': by backend). Inside `jax.shard_map` the kernels' buffers are typed
 as varying over the manual axes their inputs vary over (`varying_zeros`, `common_type`), so they
@@ -8,11 +9,14 @@ run per shard as well."""
 from __future__ import annotations
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
 
-IMPLS = ('auto', 'ragged_dot', 'blocks', 'batched')
+IMPLS = ('auto', 'ragged_dot', 'tokamax', 'blocks', 'batched')
+# Kernels on the exact sorted rows (no padding blocks): one ragged matmul per weight.
+RAGGED = ('ragged_dot', 'tokamax')
 AUTO = {'cpu': 'blocks', 'gpu': 'batched', 'cuda': 'batched', 'rocm': 'batched'}  # else ragged_dot
 # Default rows per block (block=None), the best of benchmarks/moe_layer.py's sweeps: 2-core
 # CPU for 'blocks', H100 for 'batched' (docs/moe.md).
@@ -51,10 +55,29 @@ def varying_zeros(shape, dtype, *like) -> jax.Array:
   return jax.lax.pcast(z, axes, to='varying') if axes else z
 
 
-def swiglu_ragged(x, w_gate, w_up, w_down, sizes):
-  gate = jax.lax.ragged_dot(x, w_gate, sizes)
-  up = jax.lax.ragged_dot(x, w_up, sizes)
-  return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, sizes)
+@functools.cache
+def _tokamax():
+  """tokamax, imported on first use (a few seconds of imports no other kernel needs)."""
+  try:
+    return importlib.import_module('tokamax')
+  except ImportError as e:
+    raise ValueError("grouped matmul impl 'tokamax' needs the tokamax package (Python >= 3.12, "
+                     f"jax >= 0.11.1; it is in requirements.txt): {e}") from None
+
+
+def ragged_matmul(kind: str, x_NK, w_EKN, sizes_E):
+  """Rows of group e (groups contiguous, sizes_E[e] rows each) times w[e]; rows past the
+  groups 0. 'tokamax': tokamax picks its fastest kernel for the device (Pallas Mosaic GPU or
+  TPU, Triton) and falls back to XLA's ragged_dot where it has none (CPU)."""
+  if kind == 'tokamax':
+    return _tokamax().ragged_dot(x_NK, w_EKN, sizes_E)
+  return jax.lax.ragged_dot(x_NK, w_EKN, sizes_E)
+
+
+def swiglu_ragged(x, w_gate, w_up, w_down, sizes, kind: str = 'ragged_dot'):
+  gate = ragged_matmul(kind, x, w_gate, sizes)
+  up = ragged_matmul(kind, x, w_up, sizes)
+  return ragged_matmul(kind, jax.nn.silu(gate) * up, w_down, sizes)
 
 
 def swiglu_blocks(x_ND, w_gate, w_up, w_down, sizes_E, block: int, batched: bool = False):
@@ -318,8 +341,8 @@ def matmul_kernel(kind, x_PK, weights, layout):
   w = weights[0]
   if w.shape[0] == 1:  # one group holding every row: one dense matmul (padding rows are 0)
     return x_PK @ w[0]
-  if kind == 'ragged_dot':
-    return jax.lax.ragged_dot(x_PK, w, layout.sizes)
+  if kind in RAGGED:
+    return ragged_matmul(kind, x_PK, w, layout.sizes)
   if kind == 'batched':
     y = jnp.einsum('nbk,nkm->nbm', tiles(x_PK, layout), _take_blocks(w, layout.block_expert))
     return y.reshape(x_PK.shape[0], -1)
@@ -327,8 +350,8 @@ def matmul_kernel(kind, x_PK, weights, layout):
 
 
 def swiglu_kernel(kind, x_PD, weights, layout):
-  if kind == 'ragged_dot':
-    return swiglu_ragged(x_PD, *weights, layout.sizes)
+  if kind in RAGGED:
+    return swiglu_ragged(x_PD, *weights, layout.sizes, kind)
   if kind == 'blocks' and len(layout.sizes) <= CHUNK_MAX_GROUPS:
     return _chunks_swiglu(x_PD, *weights, layout.padded_sizes(), layout.block)
   x = tiles(x_PD, layout)

@@ -42,6 +42,7 @@ class MoESpec:
   group_size: int = 0  # tokens per routing group; 0 = one sequence
   num_shared_experts: int = 0  # always-on SwiGLU experts added to the routed output
   residual: bool = False  # PR-MoE: y = a0 * MoE(x) + a1 * MLP(x), [a0, a1] = softmax(x W)
+  grouped_impl: str = 'auto'  # dropless kernel (moe/grouped.py)
 
 
 def check_moe_spec(spec: MoESpec, *, seq_len: int, expert_shards: int) -> None:
@@ -73,7 +74,7 @@ class MoELayer(nnx.Module):
                                (embed_dim, spec.num_experts), ('embed', None), param_dtype)
     self.experts = Experts(num_experts=spec.num_experts, embed_dim=embed_dim,
                            mlp_dim=spec.mlp_dim, dtype=dtype, param_dtype=param_dtype,
-                           rngs=rngs)
+                           rngs=rngs, grouped_impl=spec.grouped_impl)
     self.shared = (layers.SwiGLU(embed_dim=embed_dim,
                                  mlp_dim=spec.mlp_dim * spec.num_shared_experts,
                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)

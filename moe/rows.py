@@ -26,7 +26,7 @@ class RowsLayout(NamedTuple):
   num_used: jax.Array  # blocks holding rows: a prefix
   num_blocks: int
   block: int
-  impl: str  # resolved kernel: 'ragged_dot' | 'blocks' | 'batched'
+  impl: str  # resolved kernel: 'ragged_dot' | 'tokamax' | 'blocks' | 'batched'
 
   def padded_sizes(self) -> jax.Array:
     """[E] slots per group: its rows rounded up to a multiple of `block`."""
@@ -48,7 +48,7 @@ def rows_layout(group_N: jax.Array, num_groups: int, *, impl: str = 'auto',
   impl = kernels.resolve(impl)
   group_N = group_N.astype(jnp.int32)
   N, E = group_N.shape[0], num_groups
-  block = 1 if impl == 'ragged_dot' else max(1, min(block or BLOCK[impl], N))
+  block = 1 if impl in kernels.RAGGED else max(1, min(block or BLOCK[impl], N))
   onehot = jax.nn.one_hot(group_N, E + 1, dtype=jnp.int32)
   rank = jnp.take_along_axis(jnp.cumsum(onehot, axis=0) - onehot, group_N[:, None], axis=1)[:, 0]
   sizes = jnp.sum(onehot, axis=0)[:E]
@@ -108,8 +108,8 @@ def from_layout(y_PK: jax.Array, layout: RowsLayout) -> jax.Array:
 def layout_call(kernel, x_PK, weights, layout):
   if weights[0].shape[0] == 1 and layout.sizes.shape[0] > 1:
     layout = layout.single_group()
-  if layout.impl == 'ragged_dot':
-    return kernel('ragged_dot', x_PK, weights, layout)
+  if layout.impl in kernels.RAGGED:
+    return kernel(layout.impl, x_PK, weights, layout)
   x_PK, *weights = kernels.common_type(x_PK, *weights)
   return kernel(layout.impl, x_PK, weights, layout)
 

@@ -292,7 +292,7 @@ def test_bfloat16_compute_keeps_x_dtype_and_stays_close():
     assert jax.jit(f)(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16, name
 
 
-@pytest.mark.parametrize('impl,block', [('ragged_dot', 0), ('blocks', 2), ('blocks', 4),
+@pytest.mark.parametrize('impl,block', [('ragged_dot', 0), ('tokamax', 0), ('blocks', 2), ('blocks', 4),
                                         ('blocks', 256), ('batched', 4), ('batched', 256)])
 def test_grouped_kernels_match_per_row_reference(impl, block):
   """moe/grouped.py: every kernel, blocks smaller and larger than the groups, an empty group,
@@ -302,7 +302,7 @@ def test_grouped_kernels_match_per_row_reference(impl, block):
   sizes = jnp.asarray([3, 0, 6, 2], jnp.int32)
   rows = jnp.asarray(np.random.default_rng(12).normal(size=(12, D)), jnp.float32)
   owner = np.repeat(np.arange(E), np.asarray(sizes))
-  kw = {'impl': impl} if impl == 'ragged_dot' else {'impl': impl, 'block': block}
+  kw = {'impl': impl, 'block': block} if block else {'impl': impl}
   ct = jnp.asarray(np.random.default_rng(13).normal(size=(12, D)), jnp.float32)
 
   def got_fn(rows, w):

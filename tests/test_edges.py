@@ -296,7 +296,8 @@ def test_a_real_full_disk_is_one_line_and_the_newest_checkpoint_stays(data_dir, 
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 1
     line = _error_line(stderr, 'train.py')
-    assert f'{mnt}/run/checkpoints' in line and ('disk is full' in line or 'no space' in line)
+    # whichever write meets the full disk first (a checkpoint, metrics.jsonl) is named
+    assert f'{mnt}/run/' in line and ('disk is full' in line or 'no space' in line), line
     assert len(stderr.splitlines()) < 20, stderr[-3000:]  # no traceback per array
     complete = _steps(mnt / 'run')
     assert complete and max(complete) < 40
@@ -356,3 +357,30 @@ def test_a_corrupted_data_iterator_state_names_the_step_and_is_left_as_is(traine
                      match=r'data-iterator state in .*/checkpoints/4/data cannot be restored'):
     loop.train(config, str(copy))
   assert _files(copy) == before
+
+
+def test_a_write_that_names_no_file_on_a_full_disk_names_the_run(tmp_path, capsys):
+  """An ENOSPC from a bare write (metrics.jsonl's append names no file) or from a library
+  (its text only) still gives one line naming where the run writes."""
+  import errno
+  from training import cli
+
+  writer = metrics.MetricWriter(str(tmp_path))
+  writer.path = '/dev/full'  # a device whose every write fails with ENOSPC
+  with pytest.raises(OSError) as e:
+    writer.write(1, {'loss': 1.0})
+  assert e.value.errno == errno.ENOSPC and e.value.filename == '/dev/full'
+  writer.close()
+
+  def bare():
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  def library():
+    raise RuntimeError('RESOURCE_EXHAUSTED: [OS error 28] No space left on device')
+
+  for fn in (bare, library):
+    with pytest.raises(SystemExit):
+      cli.run('train.py', fn, workdir='gs://bucket/run')
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('train.py: error: no space left') and 'gs://bucket/run/' in err, err
+    assert len(err.splitlines()) == 1

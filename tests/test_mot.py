@@ -104,8 +104,8 @@ def test_a_modality_absent_from_the_batch_gets_exactly_zero_gradients(arg):
 
 
 def test_every_grouped_kernel_gives_the_same_model():
-  """The MoT decoder with 'batched' (GPU) and 'ragged_dot' (TPU) kernels computes the
-  logits and gradients of the CPU default ('blocks', run as chunks)."""
+  """The MoT decoder with 'batched' (GPU), 'ragged_dot' (TPU) and 'tokamax' (XLA's fallback
+  here) kernels computes the logits and gradients of the CPU default ('blocks', as chunks)."""
   import dataclasses
   from models import transformer
   c = mot_tiny('tiny,qk_norm=1')
@@ -113,7 +113,7 @@ def test_every_grouped_kernel_gives_the_same_model():
   params = nnx.state(transformer.Decoder(spec, rngs=nnx.Rngs(0)), nnx.Param)
   batch = batch_of(c)
   results = []
-  for impl in ('blocks', 'batched', 'ragged_dot'):
+  for impl in ('blocks', 'batched', 'ragged_dot', 'tokamax'):
     model = transformer.Decoder(dataclasses.replace(
         spec, mot=dataclasses.replace(spec.mot, grouped_impl=impl)), rngs=nnx.Rngs(1))
     nnx.update(model, params)
@@ -187,7 +187,7 @@ def test_bad_mot_config_gives_one_clear_error(arg, message):
 
 
 @pytest.mark.parametrize('impl,E', [('blocks', 3), ('blocks', 10), ('ragged_dot', 3),
-                                     ('batched', 3)])
+                                     ('tokamax', 3), ('batched', 3)])
 def test_grouped_rows_kernels_equal_a_per_row_reference(impl, E):
   """'blocks' with 3 groups runs as chunks, with 10 (> CHUNK_MAX_GROUPS) as the block loop."""
   from moe import grouped
@@ -223,3 +223,22 @@ def test_grouped_rows_kernels_equal_a_per_row_reference(impl, E):
     want = jax.grad(loss(ref), argnums)(*args)
     for g, r in zip(got, want):
       np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
+
+
+def test_config_key_grouped_impl_reaches_every_grouped_kernel():
+  """`model.grouped_impl` sets the kernel of MoT's projections and of its MoE modality (and
+  of the MoE family's dropless experts); an unknown name is refused before compilation."""
+  from configs import moe as moe_config
+  from training.validate import validate
+  c = mot_tiny('tiny,moe=image')
+  c.model.grouped_impl = 'tokamax'
+  spec = state_lib.model_spec(c)
+  assert spec.mot.grouped_impl == spec.mot.moe.grouped_impl == 'tokamax'
+  model = mot.MoTBlock(spec, rngs=nnx.Rngs(0))
+  assert model.moe.experts.grouped_impl == 'tokamax'
+  m = moe_config.get_config('tiny,dispatch=dropless')
+  m.model.grouped_impl = 'batched'
+  assert state_lib.model_spec(m).moe.grouped_impl == 'batched'
+  m.model.grouped_impl = 'cutlass'
+  with pytest.raises(ValueError, match=r"model.grouped_impl='cutlass' is not one of"):
+    validate(m, 8)

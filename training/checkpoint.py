@@ -33,8 +33,8 @@ _ORBAX_METADATA = '_CHECKPOINT_METADATA'
 # Config keys a resumed run may change: where and how it runs, not what it computes
 # (`upcycle_from` is read only by a run's first start).
 RESUMABLE_KEYS = ('mesh', 'log_every', 'checkpoint_every', 'max_checkpoints', 'eval',
-                  'data.data_dir', 'data.num_workers', 'model.attention_impl', 'model.remat',
-                  'upcycle_from')
+                  'data.data_dir', 'data.num_workers', 'model.attention_impl', 'model.grouped_impl',
+                  'model.remat', 'upcycle_from')
 
 
 class CheckpointError(ValueError):
@@ -59,6 +59,7 @@ LEGACY_DEFAULTS = {
     'data.codebook': lambda saved: 'rgb64',
     'data.image_tokens_key': lambda saved: '',
     'data.image_vocab_size': lambda saved: 0,
+    'model.grouped_impl': lambda saved: 'auto',
 }
 
 

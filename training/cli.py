@@ -74,8 +74,9 @@ def _quiet_background_failures() -> None:
   threading.excepthook, sys.unraisablehook = on_thread, on_unraisable
 
 
-def run(program: str, fn, *args, **kwargs):
-  """fn(*args, **kwargs); a user error ends the program with one line (exit 1)."""
+def run(program: str, fn, *args, workdir: str = '', **kwargs):
+  """fn(*args, **kwargs); a user error ends the program with one line (exit 1). `workdir`:
+  named by a disk-full error that names no file."""
   _quiet_background_failures()
   try:
     return fn(*args, **kwargs)
@@ -85,10 +86,13 @@ def run(program: str, fn, *args, **kwargs):
   except USER_ERRORS as e:
     fail(program, str(e))
   except OSError as e:
+    if e.errno == errno.ENOSPC and not e.filename and workdir:
+      e = OSError(errno.ENOSPC, e.strerror, f'{workdir}/...')
     fail(program, describe_os_error(e))
   except Exception as e:  # pylint: disable=broad-except
     if disk_full(e):
-      fail(program, describe_os_error(OSError(errno.ENOSPC, 'No space left on device')))
+      fail(program, describe_os_error(OSError(errno.ENOSPC, 'No space left on device',
+                                              f'{workdir}/...' if workdir else None)))
     if 'RESOURCE_EXHAUSTED' in str(e) and 'memory' in str(e).lower():
       fail(program, 'out of device memory: ' + str(e).strip().splitlines()[0][:300] +
            ' - lower batch_size or seq_len, use remat (model.remat), or shard over more '

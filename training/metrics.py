@@ -39,12 +39,18 @@ class MetricWriter:
     if not self.enabled:
       return
     row = {'step': int(step), **{k: _jsonable(v) for k, v in scalars.items()}}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(row) + '\n')
+    try:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(row) + '\n')
+    except OSError as e:  # a failed write names no file: name ours (disk full, read-only)
+      raise OSError(e.errno, e.strerror, e.filename or self.path) from e
     for k, v in scalars.items():
       if isinstance(v, (int, float)) and math.isfinite(v):
         self._tb.add_scalar(k, v, step)
-    self._tb.flush()
+    try:
+      self._tb.flush()
+    except OSError as e:
+      raise OSError(e.errno, e.strerror, e.filename or os.path.dirname(self.path)) from e
 
   def close(self) -> None:
     if self._tb is not None:

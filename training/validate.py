@@ -14,6 +14,7 @@ import jax
 from core import partitioning
 from data import pipeline, tokenizer
 from models import families
+from moe import kernels
 from training import stages
 
 POSITIVE_INTS = ('total_steps', 'batch_size', 'seq_len', 'log_every', 'checkpoint_every',
@@ -90,6 +91,8 @@ def validate_common(config, num_devices: int, *, skip: tuple[str, ...] = ()
   if m.attention_impl not in ('', 'xla', 'cudnn'):
     raise ValueError(f"model.attention_impl={m.attention_impl!r} is not one of '', 'xla', "
                      f"'cudnn'")
+  if m.grouped_impl not in kernels.IMPLS:
+    raise ValueError(f'model.grouped_impl={m.grouped_impl!r} is not one of {kernels.IMPLS}')
 
   shape = partitioning.resolve_mesh_shape(config.mesh, num_devices)
   sizes = dict(zip(partitioning.MESH_AXES, shape))
