@@ -247,6 +247,10 @@ def test_report_recovers_the_known_eta(tiny_plan, tmp_path):
   assert moma['vs_dense_1x']['overall']['verdict'] == 'lower'
   assert result['dense_improving']['overall']['all']
   assert result['capacity']['capacity_limited'] is True
+  # 10% less excess than dense 1x is worth 0.9^(-1/alpha) x its compute on the power law
+  worth = result['capacity']['worth_in_dense_compute']
+  for p in eta.PANELS:
+    assert worth[p]['value'] == pytest.approx(0.9 ** (-1 / ALPHA), rel=1e-6), p
   md = open(os.path.join(out, 'eta.md')).read()
   assert '| run | FLOPs/token ÷ dense |' in md and '| moma_4t4i | 1.00' in md
   assert 'Norm control' in md and 'Capacity check' in md

@@ -283,6 +283,18 @@ def analyse(plan: list[dict], loaded: dict, *, samples: int = 2000,
                                  f"capacity-limited",
                  'unknown': 'one seed per run: no noise estimate for the capacity check'}[
                      verdict]}
+    if len(dense) >= 2:
+      # What the wide model's extra parameters are worth in dense training compute: its
+      # excess read off the dense curve, over dense 1x's FLOPs (not its own: it spends more
+      # per token). A sparse model whose extra parameters helped as much would reach this η.
+      worth = {}
+      for p in PANELS:
+        dense_means = np.array([np.mean(runs[d['name']][p]) for d in dense])
+        value, where = interpolate_eta(dense_c, dense_means, ref['train_flops'],
+                                       np.mean(runs[cap['name']][p]))
+        worth[p] = {'value': float(value), 'where': int(where),
+                    'text': eta_text(float(value), int(where))}
+      result['capacity']['worth_in_dense_compute'] = worth
   return result
 
 
@@ -363,6 +375,12 @@ def markdown(result: dict, title: str) -> str:
     c = result['capacity']
     vs = c['compare']['overall']
     lines.append(f"Capacity check: {c['text']} (overall {metric} {vs['diff']:+.4f}).")
+    if c.get('worth_in_dense_compute'):
+      w = c['worth_in_dense_compute']
+      lines.append(f"{c['wide']} at equal tokens matches dense trained on "
+                   + ', '.join(f"{w[p]['text']}× ({p})" for p in PANELS)
+                   + f" the compute of {c['reference']}: the η a sparse model reaches if its "
+                   "extra parameters help as much as the wider dense model's.")
   if result['missing']:
     lines.append('Not complete yet: ' + ', '.join(result['missing']) + '.')
   for w in result.get('warnings', []):
