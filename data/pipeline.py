@@ -74,6 +74,11 @@ def check_config(cfg) -> None:
   if not cfg.text_key and not cfg.image_key and not image_tokens_key(cfg):
     raise ValueError('data config needs data.text_key or data.image_key (or '
                      'data.image_tokens_key): all are empty')
+  if '://' in str(cfg.data_dir):
+    # ArrayRecord's random reads go through one HTTP request per record there: a run
+    # would crawl (tried: no step in 10 minutes against a local GCS emulator).
+    raise ValueError(f'data.data_dir={cfg.data_dir}: datasets are read from a local disk '
+                     '(copy it there, e.g. gsutil -m cp -r); workdirs may be on gs://')
   n = image_vocab_size(cfg)
   if not isinstance(n, int) or isinstance(n, bool) or n < 0:
     raise ValueError(f'data.image_vocab_size={n!r} must be an int >= 0')

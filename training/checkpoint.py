@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+
+from training import storage
 
 ITEMS = ('state', 'data', 'meta')
 DISK_FULL = ('No space left on device', 'RESOURCE_EXHAUSTED: Error writing', 'ENOSPC')
@@ -123,23 +123,23 @@ def _by_path(tree) -> dict:
 def _incomplete(step_dir: str) -> list[str]:
   """What a committed step directory lacks (empty: complete)."""
   return [name for name in (_ORBAX_METADATA,) + ITEMS
-          if not os.path.exists(os.path.join(step_dir, name))]
+          if not storage.exists(storage.join(step_dir, name))]
 
 
 def _set_incomplete_aside(directory: str) -> None:
   """Process 0 renames step dirs that lack files to `<step>.incomplete[.n]`, warning."""
-  if jax.process_index() != 0 or not os.path.isdir(directory):
+  if jax.process_index() != 0 or not storage.isdir(directory):
     return
-  for name in sorted(os.listdir(directory)):
-    path = os.path.join(directory, name)
-    if not (name.isdigit() and os.path.isdir(path)):
+  for name in storage.listdir(directory):
+    path = storage.join(directory, name)
+    if not (name.isdigit() and storage.isdir(path)):
       continue
     missing = _incomplete(path)
     if missing:
       aside, n = f'{path}.incomplete', 1
-      while os.path.exists(aside):
+      while storage.exists(aside):
         aside, n = f'{path}.incomplete.{n}', n + 1
-      os.rename(path, aside)
+      storage.rename(path, aside)
       logging.warning('checkpoint %s lacks %s: not a complete checkpoint; moved to %s',
                       path, missing, aside)
 
@@ -151,8 +151,8 @@ class Checkpointer:
                create: bool = True):
     """`create=False`: a reader (eval) that creates nothing; a missing directory has no
     steps."""
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    if not create and not os.path.isdir(self.directory):
+    self.directory = storage.join(storage.resolve(workdir), 'checkpoints')
+    if not create and not storage.isdir(self.directory):
       raise FileNotFoundError(f'no checkpoint in {self.directory}: train first (python '
                               f'train.py --config=... --workdir={workdir})')
     _set_incomplete_aside(self.directory)
@@ -188,11 +188,9 @@ class Checkpointer:
     steps = self.all_steps()
     if not steps or jax.process_count() > 1:  # the save is collective: no one-sided refusal
       return
-    newest = self.step_dir(max(steps))
-    need = sum(os.path.getsize(os.path.join(root, f))
-               for root, _, files in os.walk(newest) for f in files)
-    free = shutil.disk_usage(self.directory).free
-    if free < need * 1.1:
+    free = storage.free_bytes(self.directory)  # None: an object store
+    need = storage.tree_bytes(self.step_dir(max(steps)))
+    if free is not None and free < need * 1.1:
       raise CheckpointError(
           f'no space left for the next checkpoint in {self.directory}: {free / 2**20:.1f} MiB '
           f'free, the newest checkpoint takes {need / 2**20:.1f} MiB. Free some space and run '
@@ -219,7 +217,7 @@ class Checkpointer:
           'never read). Free some space and run again to resume.') from None
 
   def step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return storage.join(self.directory, str(step))
 
   def check_shapes(self, step: int, abstract_state) -> None:
     """CheckpointError naming the arrays whose saved shape or dtype differ from

@@ -53,7 +53,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 from typing import Any, NamedTuple
 
 import jax
@@ -66,7 +65,7 @@ from core import partitioning
 from data import pipeline, tokenizer
 from models import families
 from training import checkpoint, plots, stages, state as state_lib, step as step_lib
-from training import warm_start
+from training import storage, warm_start
 from training.validate import validate
 
 CAUSAL_KEYS = ('load', 'mod_selected_fraction')  # per-layer metrics reported for causal too
@@ -159,8 +158,8 @@ def stale_reason(main_params, aux_params, mesh) -> str | None:
 
 def load_aux_params(workdir: str, main_params, main_step: int, mesh):
   """-> (aux params or None, aux step or None, note or None) for the causal pass."""
-  aux_dir = os.path.join(workdir, stages.STAGES['aux'].subdir)
-  if not os.path.isdir(os.path.join(aux_dir, 'checkpoints')):  # don't create it
+  aux_dir = storage.join(workdir, stages.STAGES['aux'].subdir)
+  if not storage.isdir(storage.join(aux_dir, 'checkpoints')):  # don't create it
     logging.info('no aux run in %s: no causal evaluation (train it with stage=aux)', aux_dir)
     return None, None, None
   try:
@@ -256,8 +255,7 @@ def restore_latest(config, workdir: str):
 
 def write_report(workdir: str, report: dict) -> None:
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'eval.json'), 'w') as f:
-      json.dump(report, f, indent=1)
+    storage.write_text(storage.join(workdir, 'eval.json'), json.dumps(report, indent=1))
 
 
 class EvalContext(NamedTuple):

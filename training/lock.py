@@ -8,6 +8,12 @@ naming the host, with what to do if that job is known to be dead (delete the fil
 other processes of a multi-process job do not take it: process 0 holds it for the job.
 Released when the run ends, however it ends (a kill -9 leaves a stale lock, taken over by
 the next run on the same host).
+
+On an object store (`gs://`) the lock is the object WORKDIR/lock, created with a generation
+precondition (GCS refuses the write if the object exists), so the same rules hold: a second
+run is refused; a lock left by a dead process of this host is taken over. A job killed on
+another host (a preempted TPU VM) leaves a lock no other host can check: delete
+WORKDIR/lock (`gsutil rm`) before restarting elsewhere; the refusal says so.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import socket
 import time
 
 from absl import logging
+
+from training import storage
 
 NAME = 'lock'
 
@@ -50,14 +58,13 @@ class WorkdirLock:
   """`with WorkdirLock(workdir, enabled=is_chief):` refuses (WorkdirLocked) if taken."""
 
   def __init__(self, workdir: str, *, enabled: bool = True, processes: int = 1):
-    self.path = os.path.join(workdir, NAME)
+    self.path = storage.join(workdir, NAME)
     self.enabled, self.processes = enabled, processes
     self._held = False
 
   def _read(self) -> dict | None:
     try:
-      with open(self.path) as f:
-        return json.load(f)
+      return json.loads(storage.read_text(self.path))
     except FileNotFoundError:
       return None
     except (OSError, ValueError):
@@ -69,9 +76,7 @@ class WorkdirLock:
     me = {'host': socket.gethostname(), 'pid': os.getpid(), 'since': time.time(),
           'processes': self.processes}
     for _ in range(3):  # a stale lock removed, then created again
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
+      if not storage.create_exclusive(self.path, json.dumps(me)):
         holder = self._read()
         if holder is None:
           continue  # released meanwhile
@@ -86,13 +91,8 @@ class WorkdirLock:
                               'stop that run first')
         logging.warning('taking over the stale lock %s (%s: that process is gone)',
                         self.path, _describe(holder) if holder else 'unreadable')
-        try:
-          os.remove(self.path)
-        except FileNotFoundError:
-          pass
+        storage.remove(self.path)
         continue
-      with os.fdopen(fd, 'w') as f:
-        json.dump(me, f)
       self._held = True
       return
     raise WorkdirLocked(f'cannot take the lock {self.path}: other runs keep taking it')
@@ -100,10 +100,7 @@ class WorkdirLock:
   def release(self) -> None:
     if self._held:
       self._held = False
-      try:
-        os.remove(self.path)
-      except FileNotFoundError:
-        pass
+      storage.remove(self.path)
 
   def __enter__(self):
     self.acquire()

@@ -15,6 +15,8 @@ import time
 import numpy as np
 from absl import logging
 
+from training import storage
+
 
 class MetricWriter:
   """Appends rows to metrics.jsonl and TensorBoard; a no-op on processes other than 0.
@@ -26,22 +28,21 @@ class MetricWriter:
 
   def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None):
     self.enabled = enabled
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = storage.join(workdir, 'metrics.jsonl')
     self._tb = None
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
+      storage.makedirs(workdir)
       if resume_step is not None:
         _keep_rows_up_to(self.path, resume_step)
       from tensorboardX import SummaryWriter  # heavy import, only where used
-      self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+      self._tb = SummaryWriter(storage.join(workdir, 'tb'))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
       return
     row = {'step': int(step), **{k: _jsonable(v) for k, v in scalars.items()}}
     try:
-      with open(self.path, 'a') as f:
-        f.write(json.dumps(row) + '\n')
+      storage.append_text(self.path, json.dumps(row) + '\n')
     except OSError as e:  # a failed write names no file: name ours (disk full, read-only)
       raise OSError(e.errno, e.strerror, e.filename or self.path) from e
     for k, v in scalars.items():
@@ -55,6 +56,7 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+      self._tb = None  # its gs:// writer flushes again when collected: now, not at exit
 
 
 def _jsonable(v):
@@ -66,8 +68,7 @@ def _jsonable(v):
 
 def _parse_lines(path: str) -> tuple[list[tuple[int, dict]], list[int], bool]:
   """-> ([(line number, row)], numbers of bad lines, whether the last line is torn)."""
-  with open(path) as f:
-    text = f.read()
+  text = storage.read_text(path)
   rows, bad = [], []
   lines = text.split('\n')
   torn = bool(lines[-1])  # no newline after the last line: cut by a kill mid-write
@@ -86,16 +87,13 @@ def _parse_lines(path: str) -> tuple[list[tuple[int, dict]], list[int], bool]:
 
 def _keep_rows_up_to(path: str, step: int) -> None:
   """Rewrite `path` (atomically) with its whole rows of steps <= `step`."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return
   rows, bad, torn = _parse_lines(path)
   keep = [row for _, row in rows if row['step'] <= step]
   if len(keep) == len(rows) and not bad and not torn:
     return
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.writelines(json.dumps(row) + '\n' for row in keep)
-  os.replace(tmp, path)
+  storage.write_text(path, ''.join(json.dumps(row) + '\n' for row in keep))
   logging.warning('%s: kept the %d rows up to step %d (dropped %d rows past it, %d bad '
                   'lines%s)', path, len(keep), step, len(rows) - len(keep), len(bad),
                   ', the last one torn' if torn else '')
@@ -103,8 +101,8 @@ def _keep_rows_up_to(path: str, step: int) -> None:
 
 def read_metrics(workdir: str) -> list[dict]:
   """metrics.jsonl's rows; a line that is not a row is skipped with a warning naming it."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  path = storage.join(workdir, 'metrics.jsonl')
+  if not storage.exists(path):
     return []
   rows, bad, _ = _parse_lines(path)
   if bad:

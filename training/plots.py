@@ -3,11 +3,20 @@ MoMa's per-layer expert load by modality from eval.json, and IMP's per-task loss
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
 
+from training import storage
 from training.metrics import read_metrics
+
+
+def _save(fig, path: str) -> None:
+  """PNG of `fig` at `path` (a local file or an object), then the figure closed."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png', dpi=110)
+  storage.write_bytes(path, buf.getvalue())
 
 
 def plot_loss_curves(workdir: str, modality_names, report: dict | None = None) -> str:
@@ -36,12 +45,12 @@ def plot_loss_curves(workdir: str, modality_names, report: dict | None = None) -
                 label=f'{name} (eval)')
   ax.set_xlabel('step')
   ax.set_ylabel('next-token loss (nats)')
-  ax.set_title(os.path.basename(os.path.abspath(workdir)))
+  ax.set_title(os.path.basename(storage.resolve(workdir)))
   ax.grid(alpha=0.3)
   ax.legend()
-  path = os.path.join(workdir, 'loss_curves.png')
+  path = storage.join(workdir, 'loss_curves.png')
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  _save(fig, path)
   plt.close(fig)
   return path
 
@@ -66,10 +75,10 @@ def plot_task_curves(workdir: str) -> str | None:
     ax.set_xlabel('step')
     ax.grid(alpha=0.3)
   axes[0, 0].set_ylabel('training loss (task objective)')
-  fig.suptitle(os.path.basename(os.path.abspath(workdir)), fontsize=9)
+  fig.suptitle(os.path.basename(storage.resolve(workdir)), fontsize=9)
   fig.tight_layout()
-  path = os.path.join(workdir, 'task_curves.png')
-  fig.savefig(path, dpi=110)
+  path = storage.join(workdir, 'task_curves.png')
+  _save(fig, path)
   plt.close(fig)
   return path
 
@@ -120,9 +129,9 @@ def plot_routing_load(workdir: str, report: dict, *, max_cols: int = 4) -> str |
           ax.text(c, r, f'{v:.2f}', ha='center', va='center', fontsize=6,
                   color='white' if v < 0.6 * vmax else 'black')
   fig.colorbar(image, ax=axes, shrink=0.8, label="fraction of the modality's tokens")
-  fig.suptitle(f"{os.path.basename(os.path.abspath(workdir))}: expert load by modality, "
+  fig.suptitle(f"{os.path.basename(storage.resolve(workdir))}: expert load by modality, "
                f"step {report.get('step')}", fontsize=9)
-  path = os.path.join(workdir, 'routing_load.png')
-  fig.savefig(path, dpi=110)
+  path = storage.join(workdir, 'routing_load.png')
+  _save(fig, path)
   plt.close(fig)
   return path

@@ -23,7 +23,7 @@ import jax
 from absl import logging
 
 from core import partitioning
-from training import checkpoint, lock as lock_lib, metrics, state as state_lib
+from training import checkpoint, lock as lock_lib, metrics, state as state_lib, storage
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -196,6 +196,8 @@ def prepare_workdir(workdir: str) -> str:
   """Create `workdir` if needed; ValueError naming it when it cannot hold a run."""
   if not workdir:
     raise ValueError('--workdir is empty: give the run directory, e.g. --workdir=runs/mine')
+  if storage.is_remote(workdir):
+    return _prepare_remote(workdir)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f'--workdir={workdir} is a file, not a directory')
   try:
@@ -204,6 +206,24 @@ def prepare_workdir(workdir: str) -> str:
     raise ValueError(f'cannot create --workdir={workdir}: {e.strerror}') from None
   if not os.access(workdir, os.W_OK | os.X_OK):
     raise ValueError(f'--workdir={workdir} is not writable')
+  return workdir
+
+
+def _prepare_remote(workdir: str) -> str:
+  """An object-store workdir: its bucket must exist and be reachable; nothing to create."""
+  bucket = '/'.join(workdir.split('/')[:3])
+  try:
+    found = storage.isdir(bucket)
+    is_file = storage.isfile(workdir)
+  except Exception as e:  # pylint: disable=broad-except  (auth, network: one line)
+    raise ValueError(f'cannot reach --workdir={workdir}: {type(e).__name__}: '
+                     f'{str(e).strip().splitlines()[0][:200] if str(e).strip() else ""}'
+                     ) from None
+  if not found:
+    raise ValueError(f'--workdir={workdir}: bucket {bucket} does not exist (or is not '
+                     'visible with these credentials)')
+  if is_file:
+    raise ValueError(f'--workdir={workdir} is an object (a file), not a directory')
   return workdir
 
 

@@ -23,8 +23,6 @@ are used, laid out on the new run's mesh (dims the mesh cannot split, e.g. a 1t1
 
 from __future__ import annotations
 
-import os
-
 import jax
 import ml_collections
 from absl import logging
@@ -32,7 +30,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from models import upcycle as upcycle_lib
-from training import checkpoint, state as state_lib
+from training import checkpoint, state as state_lib, storage
 
 
 def _fit_to_mesh(abstract, mesh):
@@ -53,8 +51,8 @@ def _fit_to_mesh(abstract, mesh):
 
 def read_source_config(src_workdir: str) -> tuple[ml_collections.ConfigDict, int]:
   """-> (the config of the latest checkpoint in `src_workdir`, its step); no arrays read."""
-  if not os.path.isdir(os.path.join(src_workdir, 'checkpoints')):
-    raise ValueError(f'no checkpoint in {os.path.join(src_workdir, "checkpoints")} to start '
+  if not storage.isdir(storage.join(src_workdir, 'checkpoints')):
+    raise ValueError(f'no checkpoint in {storage.join(src_workdir, "checkpoints")} to start '
                      'from')
   ckpt = checkpoint.Checkpointer(src_workdir, create=False)
   try:
@@ -130,11 +128,11 @@ def check_upcycle_source(src_dir: str) -> None:
   """`upcycle_from=DIR` must name a run directory holding a finished checkpoint
   (DIR/checkpoints/<step>/). Checked when an upcycled run starts (not by `validate`, so a
   run that already has its own checkpoints resumes even if DIR is gone)."""
-  ckpt_dir = os.path.join(src_dir, 'checkpoints')
-  if not os.path.isdir(src_dir):
+  ckpt_dir = storage.join(src_dir, 'checkpoints')
+  if not storage.isdir(src_dir):
     raise ValueError(f'config.upcycle_from={src_dir!r}: no such directory (give the workdir '
                      f'of a trained dense or 1t1i run)')
-  steps = [d for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+  steps = [d for d in storage.listdir(ckpt_dir) if d.isdigit()]
   if not steps:
     raise ValueError(f'config.upcycle_from={src_dir!r} has no checkpoint (expected '
                      f'{ckpt_dir}/<step>/ written by train.py)')
