@@ -319,9 +319,12 @@ def test_a_busy_port_a_lone_process_and_unsupported_settings_are_one_line(data_d
   busy.bind(('127.0.0.1', 0))
   busy.listen()
   port = busy.getsockname()[1]
-  with socket.socket() as s:  # a free port nobody serves
-    s.bind(('127.0.0.1', 0))
-    free = s.getsockname()[1]
+  free, free0 = [], []
+  for ports in (free, free0):  # free ports nobody serves
+    with socket.socket() as s:
+      s.bind(('127.0.0.1', 0))
+      ports.append(s.getsockname()[1])
+  free, free0 = free[0], free0[0]
   train = ['train.py', '--config=configs/dense.py:tiny', f'--config.data.data_dir={data_dir}']
   try:
     results = _cli(
@@ -329,16 +332,21 @@ def test_a_busy_port_a_lone_process_and_unsupported_settings_are_one_line(data_d
                  '--num_processes=2', '--process_id=0'],
         train + [f'--workdir={tmp_path}/b', f'--coordinator_address=127.0.0.1:{free}',
                  '--num_processes=2', '--process_id=1', '--distributed_timeout=3'],
+        train + [f'--workdir={tmp_path}/e', f'--coordinator_address=127.0.0.1:{free0}',
+                 '--num_processes=3', '--process_id=0', '--distributed_timeout=3'],
         train + [f'--workdir={tmp_path}/c', '--config.compute_dtype=float16'],
         train + [f'--workdir={tmp_path}/d', '--config.data.tfds_name=mm_shapes:9.9.9'])
   finally:
     busy.close()
-  expected = [f'port {port} cannot be served here', 'no coordinator at '
-              f'--coordinator_address=127.0.0.1:{free} after 3 s', "config.compute_dtype="
+  expected = [f'port {port} cannot be served here', 'process 0 did not start the run at '
+              f'--coordinator_address=127.0.0.1:{free} within 3 s', 'process(es) [1, 2] did '
+              f'not join at --coordinator_address=127.0.0.1:{free0} within 3 s',
+              "config.compute_dtype="
               "'float16' does not run on CPU", "data.tfds_name='mm_shapes:9.9.9'"]
   for (rc, stderr), want in zip(results, expected):
     assert rc == 1 and want in _error_line(stderr, 'train.py'), stderr[-3000:]
-  assert 'waiting for process 0 to serve the coordinator' in results[1][1]
+  assert 'waiting for process 0 at' in results[1][1]
+  assert 'waiting for the other 2 process(es)' in results[2][1]
   assert sorted(os.listdir(tmp_path)) == []  # nothing created
 
 

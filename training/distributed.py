@@ -78,35 +78,81 @@ def detect_cluster():
   return None
 
 
-def _check_port_free(coordinator_address: str) -> None:
-  """Process 0 serves the coordinator: ValueError if its port is taken on this host."""
+def _serve_rendezvous(coordinator_address: str, num_processes: int, timeout: int) -> None:
+  """Process 0, before JAX: serve the coordinator's port until the other N - 1 processes
+  have said they are there, then tell them to go on and free the port for JAX's service.
+  One ValueError if the port is taken or someone is missing after `timeout` s (JAX's
+  runtime would abort process 0 with a fatal-error dump instead)."""
   port = int(coordinator_address.rpartition(':')[2])
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    try:
-      s.bind(('', port))
-    except OSError as e:
-      raise ValueError(f'--coordinator_address={coordinator_address}: port {port} cannot be '
-                       f'served here ({e.strerror}): pick a free port') from None
+  server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+  server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  try:
+    server.bind(('', port))
+  except OSError as e:
+    server.close()
+    raise ValueError(f'--coordinator_address={coordinator_address}: port {port} cannot be '
+                     f'served here ({e.strerror}): pick a free port') from None
+  logging.warning('waiting for the other %d process(es) at %s (giving up after %d s: '
+                  '--distributed_timeout)', num_processes - 1, coordinator_address, timeout)
+  deadline = time.monotonic() + timeout
+  peers: dict[int, socket.socket] = {}
+  try:
+    server.listen(num_processes)
+    while len(peers) < num_processes - 1:
+      server.settimeout(max(0.01, deadline - time.monotonic()))
+      try:
+        conn, _ = server.accept()
+      except socket.timeout:
+        missing = sorted(set(range(1, num_processes)) - set(peers))
+        raise ValueError(f'process(es) {missing} did not join at --coordinator_address='
+                         f'{coordinator_address} within {timeout} s: start every process '
+                         '(same --coordinator_address and --num_processes), or raise '
+                         '--distributed_timeout') from None
+      conn.settimeout(5)
+      try:
+        words = conn.recv(64).decode(errors='replace').split()
+      except OSError:
+        words = []
+      if len(words) == 2 and words[0] == 'join' and words[1].isdigit():
+        peers.setdefault(int(words[1]), conn)
+      else:
+        conn.close()  # not one of ours (a port scanner, a stray client)
+    for conn in peers.values():
+      conn.sendall(b'go\n')
+    for conn in peers.values():  # they close first: the port is left free for JAX
+      conn.settimeout(5)
+      try:
+        conn.recv(1)
+      except OSError:
+        pass
+  finally:
+    for conn in peers.values():
+      conn.close()
+    server.close()
 
 
-def _wait_for_coordinator(coordinator_address: str, timeout: int) -> None:
-  """A process other than 0: wait until the coordinator's port accepts connections, or
+def _join_rendezvous(coordinator_address: str, process_id: int, timeout: int) -> None:
+  """A process other than 0: say it is there to process 0 and wait for its go-ahead, or
   give up after `timeout` s with one ValueError (JAX's runtime would abort the process
   with a fatal-error dump instead)."""
   host, _, port = coordinator_address.rpartition(':')
-  logging.warning('waiting for process 0 to serve the coordinator at %s (giving up after '
-                  '%d s: --distributed_timeout)', coordinator_address, timeout)
+  logging.warning('waiting for process 0 at %s (giving up after %d s: '
+                  '--distributed_timeout)', coordinator_address, timeout)
   deadline = time.monotonic() + timeout
   while True:
     try:
-      with socket.create_connection((host, int(port)), timeout=1):
-        return
+      with socket.create_connection((host, int(port)), timeout=1) as conn:
+        conn.sendall(f'join {process_id}\n'.encode())
+        conn.settimeout(max(0.01, deadline - time.monotonic()))
+        if conn.recv(3).startswith(b'go'):
+          return
     except OSError:
-      if time.monotonic() > deadline:
-        raise ValueError(f'no coordinator at --coordinator_address={coordinator_address} '
-                         f'after {timeout} s: start process 0 there (or check the address), '
-                         'or raise --distributed_timeout') from None
-      time.sleep(0.2)
+      pass
+    if time.monotonic() > deadline:
+      raise ValueError(f'process 0 did not start the run at --coordinator_address='
+                       f'{coordinator_address} within {timeout} s: start it there (or check '
+                       'the address and --num_processes), or raise --distributed_timeout')
+    time.sleep(0.2)
 
 
 def _join(timeout: int, where: str, **kwargs) -> None:
@@ -135,10 +181,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if check_args(coordinator_address, num_processes, process_id):
     logging.info('jax.distributed.initialize: process %d of %d, coordinator %s',
                  process_id, num_processes, coordinator_address)
-    if process_id == 0:
-      _check_port_free(coordinator_address)
-    else:
-      _wait_for_coordinator(coordinator_address, timeout)
+    # A rendezvous of our own first: JAX's runtime aborts a process whose peers are missing.
+    if num_processes > 1 and process_id == 0:
+      _serve_rendezvous(coordinator_address, num_processes, timeout)
+    elif num_processes > 1:
+      _join_rendezvous(coordinator_address, process_id, timeout)
     # 'deactivate': flags are the whole truth; no cluster may restrict the visible devices.
     _join(timeout, coordinator_address, coordinator_address=coordinator_address,
           num_processes=num_processes, process_id=process_id,
