@@ -39,6 +39,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data import floor
+from data import remote
 from data import scenes
 from data import shapes
 from data import tokenizer as tok
@@ -55,10 +56,20 @@ _READ_THREADS = 2  # threads decoding records when num_workers == 0 (2 cores)
 
 
 def resolve_data_dir(data_dir: str) -> str:
-  """'' -> $TFDS_DATA_DIR or ~/tensorflow_datasets (never inside the repo)."""
+  """'' -> $TFDS_DATA_DIR or ~/tensorflow_datasets (never inside the repo); a local path made
+  absolute, a gs:// one kept."""
   data_dir = (data_dir or os.environ.get('TFDS_DATA_DIR')
               or '~/tensorflow_datasets')
+  if remote.is_remote(data_dir):
+    return data_dir.rstrip('/')
   return os.path.abspath(os.path.expanduser(data_dir))
+
+
+def dataset_dir(cfg) -> str:
+  """The local data dir cfg's dataset is read from: data.data_dir resolved, or, for one on
+  an object store, its local mirror (data/remote.py)."""
+  data_dir = resolve_data_dir(cfg.data_dir)
+  return remote.local_mirror(data_dir, cfg.tfds_name) if remote.is_remote(data_dir) else data_dir
 
 
 def _split_names(split: str) -> list[str]:
@@ -74,11 +85,9 @@ def check_config(cfg) -> None:
   if not cfg.text_key and not cfg.image_key and not image_tokens_key(cfg):
     raise ValueError('data config needs data.text_key or data.image_key (or '
                      'data.image_tokens_key): all are empty')
-  if '://' in str(cfg.data_dir):
-    # ArrayRecord's random reads go through one HTTP request per record there: a run
-    # would crawl (tried: no step in 10 minutes against a local GCS emulator).
-    raise ValueError(f'data.data_dir={cfg.data_dir}: datasets are read from a local disk '
-                     '(copy it there, e.g. gsutil -m cp -r); workdirs may be on gs://')
+  if '://' in str(cfg.data_dir) and not remote.is_remote(cfg.data_dir):
+    raise ValueError(f'data.data_dir={cfg.data_dir}: object stores supported: '
+                     f'{remote.REMOTE_PREFIXES}')
   n = image_vocab_size(cfg)
   if not isinstance(n, int) or isinstance(n, bool) or n < 0:
     raise ValueError(f'data.image_vocab_size={n!r} must be an int >= 0')
@@ -203,7 +212,7 @@ def class_names(cfg) -> Optional[list[str]]:
   check_config(cfg)
   if _is_scenes(cfg):
     return None
-  features = _builder(cfg, resolve_data_dir(cfg.data_dir)).info.features
+  features = _builder(cfg, dataset_dir(cfg)).info.features
   label = features[cfg.label_key] if cfg.label_key and cfg.label_key in features else None
   return list(label.names) if isinstance(label, tfds.features.ClassLabel) else None
 
@@ -214,7 +223,7 @@ def data_source(cfg, split_key: str) -> tuple[Any, Optional[list[str]]]:
   split = cfg[split_key]
   if _is_scenes(cfg):
     return _scenes_source(cfg, split)
-  data_dir = resolve_data_dir(cfg.data_dir)
+  data_dir = dataset_dir(cfg)
   builder = _builder(cfg, data_dir)
   label_names = _check_features(cfg, builder.info.features)
   is_shapes = cfg.tfds_name == shapes.MmShapes.name

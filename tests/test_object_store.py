@@ -18,10 +18,17 @@ RUN = 'gs://bucket/run'
 
 
 @pytest.fixture(scope='module')
-def gcs():
+def gcs(data_dir, tmp_path_factory):
+  """The emulator, with the prepared mm_shapes at gs://bucket/tfds; mirrors of it go to a
+  temporary cache."""
+  import gcsfs
+  from data import remote
   server, env = gcs_emulator.start()
+  env = {**env, remote.CACHE_ENV: str(tmp_path_factory.mktemp('data_cache'))}
   saved = {k: os.environ.get(k) for k in env}
   os.environ.update(env)  # this process and the train.py / eval.py it starts
+  gcsfs.GCSFileSystem().put(os.path.join(data_dir, 'mm_shapes'), 'bucket/tfds/mm_shapes',
+                            recursive=True)
   try:
     yield env
   finally:
@@ -77,9 +84,11 @@ def test_train_sigterm_resume_eval_on_gcs(gcs, data_dir):
   assert 'in use by another run (host tpu-vm-7' in line and f'delete {RUN}/lock' in line
   storage.remove(f'{RUN}/{lock.NAME}')
 
-  proc = _launch(RUN, data_dir, total_steps=16, checkpoint_every=100)
+  # Resumed with the dataset read from the bucket (mirrored to the local cache).
+  proc = _launch(RUN, 'gs://bucket/tfds', total_steps=16, checkpoint_every=100)
   _, stderr = proc.communicate(timeout=300)
   assert proc.returncode == 0, stderr[-3000:]
+  assert 'mirrored' in stderr
   assert f'resuming from {RUN}/checkpoints/{stopped}' in stderr
   assert 'not a complete checkpoint; moved to' in stderr
   assert '99.incomplete' in storage.listdir(f'{RUN}/checkpoints')
@@ -102,11 +111,23 @@ def test_train_sigterm_resume_eval_on_gcs(gcs, data_dir):
   assert 'loss_curves.png' in storage.listdir(RUN)
 
 
-def test_a_data_dir_on_an_object_store_is_refused_in_one_line():
+def test_a_data_dir_on_an_object_store_is_mirrored_once(gcs, data_dir, tmp_path, monkeypatch):
+  import numpy as np
   from configs import dense
-  from training.validate import validate
-  c = dense.get_config('tiny')
-  c.data.data_dir = 'gs://bucket/tfds'
-  with pytest.raises(ValueError, match=r'data.data_dir=gs://bucket/tfds: datasets are read '
-                                       r'from a local disk'):
-    validate(c, 8)
+  from data import pipeline, remote
+  monkeypatch.setenv(remote.CACHE_ENV, str(tmp_path / 'cache'))
+  local, mirrored = dense.get_config('tiny').data, dense.get_config('tiny').data
+  local.data_dir, mirrored.data_dir = data_dir, 'gs://bucket/tfds/'
+  a, _ = pipeline.data_source(local, 'eval_split')
+  b, _ = pipeline.data_source(mirrored, 'eval_split')
+  assert len(a) == len(b) and len(a) > 0
+  for i in (0, len(a) - 1):
+    for k in a[i]:
+      np.testing.assert_array_equal(np.asarray(a[i][k]), np.asarray(b[i][k]))
+  mirror = tmp_path / 'cache' / 'gs' / 'bucket' / 'tfds' / 'mm_shapes'
+  stamps = {p: p.stat().st_mtime_ns for p in mirror.rglob('*') if p.is_file()}
+  assert stamps and pipeline.dataset_dir(mirrored) == str(tmp_path / 'cache/gs/bucket/tfds')
+  assert {p: p.stat().st_mtime_ns for p in mirror.rglob('*') if p.is_file()} == stamps
+  mirrored.data_dir = 'gs://bucket/nothing'
+  with pytest.raises(ValueError, match='data.data_dir=gs://bucket/nothing: nothing under'):
+    pipeline.data_source(mirrored, 'eval_split')
