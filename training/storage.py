@@ -22,11 +22,7 @@ import shutil
 
 from etils import epath
 
-REMOTE_PREFIXES = ('gs://',)
-
-
-def is_remote(path: str) -> bool:
-  return str(path).startswith(REMOTE_PREFIXES)
+from data.remote import REMOTE_PREFIXES, is_remote  # noqa: F401  (the one list of schemes)
 
 
 def resolve(path: str) -> str:
