@@ -200,4 +200,17 @@ def base_config(size: str, data: str = 'shapes') -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64
   c.eval.num_examples = 1000  # from the eval split; 0 = all
+  c.eval.generation = generation_config()
   return c
+
+
+def generation_config() -> ml_collections.ConfigDict:
+  """eval.generation: eval's generations (training/generation.py), scored on the embedded
+  datasets; sample.py's defaults."""
+  return ml_collections.ConfigDict(dict(
+      num_examples=64,  # eval sequences whose prompt (caption or image) is continued; 0 = off
+      temperature=0.0,  # 0 = greedy
+      top_k=0,  # 0 = off
+      top_p=1.0,  # 1 = off
+      seed=0,
+  ))

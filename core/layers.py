@@ -91,10 +91,7 @@ class Attention(nnx.Module):
     self.wo = param(rngs, fan_in_init(num_heads * head_dim), (num_heads, head_dim, embed_dim),
                     ('heads', 'head_dim', 'embed'), param_dtype)
 
-  def __call__(self, x_BTD: jax.Array, rope_sin_cos, mask_BTT: jax.Array | None = None
-               ) -> jax.Array:
-    """`rope_sin_cos` from `rope_tables` (shared by all layers). `mask_BTT` (bool, query x
-    key) further restricts the causal mask; every query must keep at least one key."""
+  def _qkv(self, x_BTD, rope_sin_cos):
     B, T, D = x_BTD.shape
     x = x_BTD.astype(self.dtype).reshape(B * T, D)  # 2-D matmuls: see SwiGLU
     def project(w):  # [D, heads, K] -> [B, T, heads, K]
@@ -105,13 +102,76 @@ class Attention(nnx.Module):
     k = constrain(apply_rope(project(self.wk), rope_sin_cos),
                   ('batch', 'length', 'act_kv_heads', None))
     v = constrain(project(self.wv), ('batch', 'length', 'act_kv_heads', None))
+    return q, k, v
+
+  def _out(self, o_BTHK):
+    B, T = o_BTHK.shape[:2]
+    o = constrain(o_BTHK, ('batch', 'length', 'act_heads', None))
+    wo = self.wo[...].astype(self.dtype)
+    out = o.reshape(B * T, -1) @ wo.reshape(-1, wo.shape[-1])
+    return constrain(out.reshape(B, T, -1), ('batch', 'length', 'act_embed'))
+
+  def __call__(self, x_BTD: jax.Array, rope_sin_cos, mask_BTT: jax.Array | None = None
+               ) -> jax.Array:
+    """`rope_sin_cos` from `rope_tables` (shared by all layers). `mask_BTT` (bool, query x
+    key) further restricts the causal mask; every query must keep at least one key."""
+    q, k, v = self._qkv(x_BTD, rope_sin_cos)
     mask = None if mask_BTT is None else mask_BTT[:, None]
     o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
                                      implementation=self.implementation)
-    o = constrain(o, ('batch', 'length', 'act_heads', None))
-    wo = self.wo[...].astype(self.dtype)
-    out = o.reshape(B * T, -1) @ wo.reshape(-1, D)
-    return constrain(out.reshape(B, T, D), ('batch', 'length', 'act_embed'))
+    return self._out(o)
+
+  def init_cache(self, batch: int, max_len: int) -> dict:
+    return init_kv_cache(batch, max_len, self.num_kv_heads, self.wk.shape[-1], self.dtype)
+
+  def decode(self, x_BSD, rope_sin_cos, cache: dict, index_B: jax.Array,
+             key_mask_BL: jax.Array | None = None):
+    """Attention of S new tokens at positions index[b] + s over the cache and themselves
+    (`attend_cached`) -> (out [B, S, D], the cache with their keys and values)."""
+    q, k, v = self._qkv(x_BSD, rope_sin_cos)
+    o, cache = attend_cached(q, k, v, cache, index_B, key_mask_BL, self.implementation)
+    return self._out(o), cache
+
+
+# ---------------------------------------------------------------------------
+# Key/value caches for decoding (models/generate.py).
+
+CACHE_KV = ('batch', None, 'act_kv_heads', None)  # [B, L, G, K]: batch and heads sharded
+
+
+def init_kv_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype) -> dict:
+  """Zeros for `max_len` positions of keys and values (RoPE already applied to keys)."""
+  zeros = lambda: constrain(jnp.zeros((batch, max_len, num_kv_heads, head_dim), dtype),
+                            CACHE_KV)
+  return {'k': zeros(), 'v': zeros()}
+
+
+def write_rows(cache_BL: jax.Array, new_BS: jax.Array, index_B: jax.Array) -> jax.Array:
+  """cache[b, index[b] + s] = new[b, s]: each row written at its own position."""
+  write = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), i, 0)
+  return jax.vmap(write)(cache_BL, new_BS, index_B)
+
+
+def attend_cached(q_BSHK, k_BSGK, v_BSGK, cache: dict, index_B: jax.Array,
+                  key_mask_BL: jax.Array | None = None, implementation: str | None = None):
+  """Causal attention of S queries at positions index[b] + s after writing their keys and
+  values into the cache there: query i sees cache position j iff j <= i (and, with
+  `key_mask` [B, L] bool, iff key_mask[b, j] or j == i: a mixture-of-depths layer's
+  skipped tokens are no keys). -> (o [B, S, H, K], new cache). Positions past the query
+  are masked, so whatever the cache holds there (zeros, a longer prompt's padding) is
+  never read."""
+  k = write_rows(cache['k'], k_BSGK, index_B)
+  v = write_rows(cache['v'], v_BSGK, index_B)
+  k, v = constrain(k, CACHE_KV), constrain(v, CACHE_KV)
+  S, L = q_BSHK.shape[1], k.shape[1]
+  q_pos = index_B[:, None] + jnp.arange(S)  # [B, S]
+  keys = jnp.arange(L)[None, None, :]
+  mask = keys <= q_pos[..., None]  # [B, S, L]
+  if key_mask_BL is not None:
+    mask &= key_mask_BL[:, None, :] | (keys == q_pos[..., None])
+  o = jax.nn.dot_product_attention(q_BSHK, k.astype(q_BSHK.dtype), v.astype(q_BSHK.dtype),
+                                   mask=mask[:, None], implementation=implementation)
+  return o, {**cache, 'k': k, 'v': v}
 
 
 class SwiGLU(nnx.Module):

@@ -313,6 +313,16 @@ class _Encoder:
     return tok.build_sequence(text, image, image_first)
 
 
+def eval_sequence(cfg, seq_len: int, index: int, *, image_first: bool) -> np.ndarray:
+  """Record `index` of the eval split as one token sequence in the given order (the
+  generation prompts of sample.py --from_eval)."""
+  source, label_names = data_source(cfg, 'eval_split')
+  if not 0 <= index < len(source):
+    raise ValueError(f'--from_eval={index}: the eval split {cfg.eval_split!r} has '
+                     f'{len(source)} examples (0 .. {len(source) - 1})')
+  return _Encoder(cfg, seq_len, label_names).sequence(source[index], image_first)
+
+
 class _TrainMap(grain.transforms.RandomMap):
   """Encodes with a per-(seed, stream position) coin for order='both'."""
 

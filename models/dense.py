@@ -37,6 +37,19 @@ class Block(nnx.Module):
       return h + y, aux
     return h + self.ffn(self.ffn_norm(h)), {}
 
+  def init_cache(self, batch: int, max_len: int) -> dict:
+    return self.attn.init_cache(batch, max_len)
+
+  def decode(self, x_BSD, rope_sin_cos, *, modality, cache, index):
+    """The block on S new tokens at positions index[b] + s with the layer's K/V cache
+    (models/generate.py) -> (y, cache)."""
+    del modality
+    a, cache = self.attn.decode(self.attn_norm(x_BSD), rope_sin_cos, cache, index)
+    h = x_BSD + a
+    if self.use_moe:
+      return h + self.ffn(self.ffn_norm(h), decoding=True)[0], cache
+    return h + self.ffn(self.ffn_norm(h)), cache
+
 
 def layer_params(spec, layer: int, active: bool) -> int:
   del layer, active

@@ -37,6 +37,11 @@ def _no_validation(config, sizes) -> None:
   del config, sizes
 
 
+def _decodes(spec) -> None:
+  del spec
+  return None
+
+
 def _identity_stream(decoder, x, modality):
   del decoder, modality
   return x
@@ -50,7 +55,10 @@ class Family:
   # (config.model, stage) -> {DecoderSpec field: value}, e.g. {'moma': MoMaSpec(...)}
   spec_fields: Callable[[Any, str], dict]
   # (spec, layer index, nnx.Rngs) -> a block: block(x, sin_cos, rng, *, modality, causal)
-  #   -> (x, {metric name: value}); metrics ending in 'aux_loss' join the training loss
+  #   -> (x, {metric name: value}); metrics ending in 'aux_loss' join the training loss.
+  #   For cached decoding (models/generate.py) a block also has `init_cache(batch, max_len)
+  #   -> pytree` and `decode(x [B, S, D], sin_cos, *, modality, cache, index [B]) -> (x,
+  #   cache)`: the causal function of S new tokens at positions index[b] + s.
   block: Callable[..., Any]
   # (spec, layer index, active) -> the layer's parameters (active: the ones a token uses
   # on average: routed experts counted k or c times)
@@ -66,5 +74,8 @@ class Family:
   stream_out: Callable[..., Any] = _identity_stream
   # spec -> one name per expert of a layer, for eval's per-modality load report; or None
   expert_names: Callable[[Any], list[str] | None] = lambda spec: None
+  # spec -> why this model cannot decode token by token (its routing sees the future and
+  # it has no causal routing), or None
+  decode_unsupported: Callable[[Any], str | None] = _decodes
   stages: tuple[str, ...] = ('main',)  # training/stages.py STAGES this family supports
-  evaluators: tuple[str, ...] = ('lm',)  # training/evaluate.py EVALUATORS it reports
+  evaluators: tuple[str, ...] = ('lm', 'generation')  # training/evaluate.py EVALUATORS

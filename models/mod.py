@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from core import partitioning
+from core import layers, partitioning
 from moe import depth
 
 
@@ -50,6 +50,11 @@ def check_spec(spec: MoDSpec) -> None:
     raise ValueError(f'model.moma.mod.capacity must be in (0, 1], got {spec.capacity}')
   if spec.every < 1:
     raise ValueError(f'model.moma.mod.every must be >= 1, got {spec.every}')
+
+
+def init_selected(batch: int, max_len: int) -> jax.Array:
+  """A MoD layer's decoding cache: bool [B, L], the positions it processed."""
+  return partitioning.constrain(jnp.zeros((batch, max_len), bool), ('batch', None))
 
 
 class MoD(nnx.Module):
@@ -98,3 +103,16 @@ class MoD(nnx.Module):
           aux_logits, chosen))
       aux['mod/aux_router_accuracy'] = jnp.mean(((aux_logits > 0) == (chosen > 0)))
     return out, aux
+
+  def decode(self, layer_fn, x_BSD, selected_BL, index_B):
+    """The causal routing on S new tokens at positions index[b] + s (models/generate.py):
+    `layer_fn(x, member, key_mask [B, L]) -> y` runs the layer with the cached attention,
+    whose keys are the positions selected so far and now. -> (x_out, selected)."""
+    logits = (x_BSD.astype(jnp.float32) @ self.router[...].astype(jnp.float32))[..., 0]
+    routing, _ = depth.causal_route(logits, self.aux_router(x_BSD)[..., 0])
+    chosen = routing.valid
+    selected = layers.write_rows(selected_BL, chosen, index_B)
+    y = layer_fn(x_BSD, chosen, selected)
+    scale = routing.weight[..., None] if self.spec.scale else 1.0
+    out = jnp.where(chosen[..., None], x_BSD + scale * (y - x_BSD), x_BSD)
+    return out.astype(x_BSD.dtype), selected

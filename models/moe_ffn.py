@@ -88,6 +88,15 @@ def validate(config, sizes) -> None:
                      f'split over the {shards} batch shards')
 
 
+def decode_unsupported_moe(moe: moe_layer.MoESpec, key: str) -> str | None:
+  """Expert choice looks at the whole routing group, future tokens included, and the MoE
+  family has no causal router for it (MoMa's aux routers are one)."""
+  if moe.router.expert_choice:
+    return (f'config.{key}.router={moe.router.name!r} routes by expert choice, which sees '
+            'future tokens, and this family has no causal router: it cannot generate')
+  return None
+
+
 FAMILY = family_lib.Family(
     name='moe',
     spec_fields=lambda model_cfg, stage: {'moe': moe_spec_from_config(model_cfg.moe,
@@ -96,4 +105,5 @@ FAMILY = family_lib.Family(
     block=block,
     layer_params=layer_params,
     validate=validate,
+    decode_unsupported=lambda spec: decode_unsupported_moe(spec.moe, 'model.moe'),
 )

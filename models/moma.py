@@ -220,21 +220,45 @@ class MoMaBlock(nnx.Module):
                             aux_router=AuxRouter(D, 1, param_dtype=pdtype, rngs=rngs))
                 if spec.mod is not None and spec.mod.is_mod_layer(layer) else None)
 
-  def _layer(self, x, sin_cos, modality, member, attn_mask, rng=None, causal=False):
+  def _layer(self, x, attend, modality, member, rng=None, causal=False):
+    """Attention (`attend(h)`: the full pass's or the cached one) and the MoMa FFN."""
     if self.spec.norm == 'res_post':
-      h = x + self.attn_norm(self.attn(x, sin_cos, attn_mask))
+      h = x + self.attn_norm(attend(x))
       f, aux = self.ffn(h, modality, member_BT=member, rng=rng, causal=causal)
       return h + self.ffn_norm(f), aux
-    h = x + self.attn(self.attn_norm(x), sin_cos, attn_mask)
+    h = x + attend(self.attn_norm(x))
     f, aux = self.ffn(self.ffn_norm(h), modality, member_BT=member, rng=rng, causal=causal)
     return h + f, aux
 
   def __call__(self, x_BTD, sin_cos, rng=None, *, modality, causal=False):
     if self.mod is None:
-      return self._layer(x_BTD, sin_cos, modality, None, None, rng, causal)
-    layer_fn = lambda x, sc, m, member, mask: self._layer(x, sc, m, member, mask, rng, causal)
+      return self._layer(x_BTD, lambda h: self.attn(h, sin_cos), modality, None, rng, causal)
+    layer_fn = lambda x, sc, m, member, mask: self._layer(  # noqa: E731
+        x, lambda h: self.attn(h, sc, mask), m, member, rng, causal)
     return self.mod(layer_fn, x_BTD, sin_cos, modality, causal=causal,
                     train_aux=self.spec.train_aux)
+
+  def init_cache(self, batch: int, max_len: int) -> dict:
+    cache = self.attn.init_cache(batch, max_len)
+    if self.mod is not None:  # which positions this MoD layer processed (its only keys)
+      cache['selected'] = mod_lib.init_selected(batch, max_len)
+    return cache
+
+  def decode(self, x_BSD, sin_cos, *, modality, cache, index):
+    """The block on S new tokens with the causal routing (aux routers, MoD per token) and
+    the layer's cache (models/generate.py) -> (y, cache)."""
+    new = {}
+
+    def attend(h, key_mask=None):
+      a, new['cache'] = self.attn.decode(h, sin_cos, cache, index, key_mask)
+      return a
+    if self.mod is None:
+      y, _ = self._layer(x_BSD, attend, modality, None, None, causal=True)
+      return y, new['cache']
+    layer_fn = lambda x, member, key_mask: self._layer(  # noqa: E731
+        x, lambda h: attend(h, key_mask), modality, member, None, causal=True)[0]
+    y, selected = self.mod.decode(layer_fn, x_BSD, cache['selected'], index)
+    return y, {**new['cache'], 'selected': selected}
 
 
 # ---------------------------------------------------------------------------
@@ -357,5 +381,5 @@ FAMILY = family_lib.Family(
     matmul_params=_matmul_params,
     expert_names=lambda spec: spec.moma.expert_names(),
     stages=('main', 'aux'),
-    evaluators=('lm', 'causal'),
+    evaluators=('lm', 'causal', 'generation'),
 )

@@ -187,7 +187,9 @@ class MoTBlock(nnx.Module):
   def _w(self, w):
     return w[...].astype(self.dtype)
 
-  def _attention(self, x_BTD, sin_cos, modality):
+  def _attention(self, x_BTD, sin_cos, modality, attend=None):
+    """Untied Q/K/V, `attend(q, k, v) -> o` (default: the global causal attention of the
+    full pass), untied W_O."""
     B, T, D = x_BTD.shape
     x = x_BTD.astype(self.dtype)
     wq, wk, wv, wo = (self._w(w) for w in (self.wq, self.wk, self.wv, self.wo))
@@ -208,7 +210,8 @@ class MoTBlock(nnx.Module):
       kv = ('batch', 'length', 'act_kv_heads', None)
       q, k, v = _per_shard(qkv_local, (X, MOD, W_Q, W_KV, W_KV), (heads, kv, kv))(
           x, modality, wq, wk, wv)
-    o = self._global_attention(q, k, v, sin_cos, modality)
+    o = (attend or (lambda q, k, v: self._global_attention(q, k, v, sin_cos, modality)))(
+        q, k, v)
     if wo.ndim == 3:
       out = (o.reshape(B * T, -1) @ wo.reshape(-1, D)).reshape(B, T, D)
     else:
@@ -222,17 +225,21 @@ class MoTBlock(nnx.Module):
           o, modality, wo)
     return constrain(out, X)
 
-  def _global_attention(self, q, k, v, sin_cos, modality):
-    """(QK-norm,) RoPE and the global causal attention over the original order."""
+  def _rope_qk(self, q, k, v, sin_cos, modality):
+    """(QK-norm,) RoPE."""
     if self.q_norm is not None:
       q, k = self.q_norm(q, modality), self.k_norm(k, modality)
     q = constrain(layers.apply_rope(q, sin_cos), ('batch', 'length', 'act_heads', None))
     k = constrain(layers.apply_rope(k, sin_cos), ('batch', 'length', 'act_kv_heads', None))
-    v = constrain(v, ('batch', 'length', 'act_kv_heads', None))
+    return q, k, constrain(v, ('batch', 'length', 'act_kv_heads', None))
+
+  def _global_attention(self, q, k, v, sin_cos, modality):
+    """(QK-norm,) RoPE and the global causal attention over the original order."""
+    q, k, v = self._rope_qk(q, k, v, sin_cos, modality)
     o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attn_impl)
     return constrain(o, ('batch', 'length', 'act_heads', None))
 
-  def _ffn(self, x_BTD, modality, rng):
+  def _ffn(self, x_BTD, modality, rng, decoding=False):
     aux = {}
     x = x_BTD.astype(self.dtype)
     w = [self._w(a) for a in (self.w_gate, self.w_up, self.w_down)]
@@ -252,7 +259,8 @@ class MoTBlock(nnx.Module):
         return _psum_tensor(y.reshape(*mod.shape, -1), collectives)
       y = _per_shard(ffn_local, (X, MOD, W_IN, W_IN, W_OUT), X)(x, modality, *w)
     if self.moe is not None:
-      y_moe, aux = self.moe(x_BTD, rng, token_mask_BT=modality == self.spec.moe_modality)
+      y_moe, aux = self.moe(x_BTD, rng, token_mask_BT=modality == self.spec.moe_modality,
+                            decoding=decoding)
       y = y + y_moe.astype(y.dtype)
     return constrain(y.astype(x_BTD.dtype), X), aux
 
@@ -347,13 +355,34 @@ class MoTBlock(nnx.Module):
     del causal  # no batch-dependent routing besides the MoE's token choice
     if self.moe is None:
       return self._sorted_block(x_BTD, sin_cos, modality)
+    return self._unsorted_block(x_BTD, sin_cos, modality, rng)
+
+  def _unsorted_block(self, x_BTD, sin_cos, modality, rng, attend=None, decoding=False):
+    """The block on [B, T, D] in the original order (with a MoE; and decoding)."""
     if self.spec.norm == 'res_post':
-      h = x_BTD + self.attn_norm(self._attention(x_BTD, sin_cos, modality), modality)
-      f, aux = self._ffn(h, modality, rng)
+      h = x_BTD + self.attn_norm(self._attention(x_BTD, sin_cos, modality, attend), modality)
+      f, aux = self._ffn(h, modality, rng, decoding)
       return h + self.ffn_norm(f, modality), aux
-    h = x_BTD + self._attention(self.attn_norm(x_BTD, modality), sin_cos, modality)
-    f, aux = self._ffn(self.ffn_norm(h, modality), modality, rng)
+    h = x_BTD + self._attention(self.attn_norm(x_BTD, modality), sin_cos, modality, attend)
+    f, aux = self._ffn(self.ffn_norm(h, modality), modality, rng, decoding)
     return h + f, aux
+
+  def init_cache(self, batch: int, max_len: int) -> dict:
+    return layers.init_kv_cache(batch, max_len, self.wk.shape[-2], self.wk.shape[-1],
+                                self.dtype)
+
+  def decode(self, x_BSD, sin_cos, *, modality, cache, index):
+    """The block on S new tokens at positions index[b] + s, each projected with its own
+    modality's weights, keys and values cached (models/generate.py) -> (y, cache)."""
+    new = {}
+
+    def attend(q, k, v):
+      q, k, v = self._rope_qk(q, k, v, sin_cos, modality)
+      o, new['cache'] = layers.attend_cached(q, k, v, cache, index,
+                                             implementation=self.attn_impl)
+      return o
+    y, _ = self._unsorted_block(x_BSD, sin_cos, modality, None, attend, decoding=True)
+    return y, new['cache']
 
 
 # ---------------------------------------------------------------------------
@@ -411,6 +440,9 @@ FAMILY = family_lib.Family(
     block=lambda spec, layer, rngs: MoTBlock(spec, rngs=rngs),
     layer_params=_layer_params,
     validate=_validate,
+    decode_unsupported=lambda spec: (None if spec.mot.moe is None else
+                                     moe_ffn.decode_unsupported_moe(spec.mot.moe,
+                                                                    'model.mot.moe')),
     stream_in=lambda decoder, x, modality: decoder.blocks[0].stream_in(x, modality),
     stream_out=lambda decoder, x, modality: decoder.blocks[0].stream_out(x, modality),
 )

@@ -25,6 +25,12 @@ from moe import layer as moe_layer
 dtype_of = layers.dtype_of
 
 
+def modality_of(tokens: jax.Array) -> jax.Array:
+  """int32 modality id of every token (jnp twin of data.tokenizer.modality_of)."""
+  return jnp.where(tokens >= tokenizer.IMAGE_OFFSET, tokenizer.IMAGE,
+                   tokenizer.TEXT).astype(jnp.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class DecoderSpec:
   """The decoder's hyper-parameters (built from `config.model` by `from_config`)."""
@@ -84,11 +90,37 @@ class Decoder(nnx.Module):
       x, block_aux = call(block, x, sin_cos, block_rng, modality)
       aux.update({f'layer_{i}/{k}': v for k, v in block_aux.items()})
     x = self.final_norm(family.stream_out(self, x, modality))
+    return self._logits(x), aux
+
+  def init_cache(self, batch: int, max_len: int) -> list:
+    """The decoding cache for `batch` rows of up to `max_len` positions: one entry per
+    block (its K/V, and what else its routing keeps, e.g. MoD's selected positions)."""
+    return [block.init_cache(batch, max_len) for block in self.blocks]
+
+  def decode(self, tokens_BS: jax.Array, cache: list, index_B: jax.Array):
+    """S new tokens per row at positions index[b] .. index[b] + S - 1, with the causal
+    routing (`causal=True`) and the cache of every earlier position -> (logits [B, S, V]
+    float32, cache). A prefill is a call with index 0 and the prompt; a decoding step one
+    with S = 1. Row b's logits equal `__call__(..., causal=True)` on the row's whole
+    sequence at those positions (tests/test_decode.py). The blocks run on [B, S, D] in the
+    original order (a family's `stream_in` layout is for the full pass)."""
+    S = tokens_BS.shape[1]
+    positions = index_B[:, None] + jnp.arange(S, dtype=index_B.dtype)
+    sin_cos = layers.rope_tables(positions, self.spec.head_dim, self.spec.rope_theta)
+    modality = modality_of(tokens_BS)
+    x = self.embed(tokens_BS)
+    new_cache = []
+    for block, layer_cache in zip(self.blocks, cache):
+      x, layer_cache = block.decode(x, sin_cos, modality=modality, cache=layer_cache,
+                                    index=index_B)
+      new_cache.append(layer_cache)
+    return self._logits(self.final_norm(x)), new_cache
+
+  def _logits(self, x_BTD):
     dtype = dtype_of(self.spec.dtype)
-    B, T, D = x.shape
-    logits = (x.reshape(B * T, D) @ self.lm_head[...].astype(dtype)).reshape(B, T, -1)
-    logits = constrain(logits.astype(jnp.float32), ('batch', 'length', 'act_vocab'))
-    return logits, aux
+    B, T, D = x_BTD.shape
+    logits = (x_BTD.reshape(B * T, D) @ self.lm_head[...].astype(dtype)).reshape(B, T, -1)
+    return constrain(logits.astype(jnp.float32), ('batch', 'length', 'act_vocab'))
 
 
 def spec_from_config(model_cfg, *, param_dtype: str, compute_dtype: str,

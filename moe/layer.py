@@ -91,14 +91,17 @@ class MoELayer(nnx.Module):
     return x_BTD.reshape(B * T // S, S, D)
 
   def __call__(self, x_BTD: jax.Array, rng: jax.Array | None = None,
-               token_mask_BT: jax.Array | None = None):
+               token_mask_BT: jax.Array | None = None, *, decoding: bool = False):
     """`rng` (training only) drives router jitter; None = deterministic routing.
     `token_mask_BT` (bool): only these tokens are routed (MoT's one-modality MoE); the
     others get 0 from the layer. Expert-choice routers never pick a masked token while an
     unmasked one is left, and the router metrics and aux losses average over the unmasked
-    tokens only."""
+    tokens only. `decoding` (token-choice routers; models/generate.py): each token is
+    routed alone and nothing is dropped, whatever the dispatch, so a token's output never
+    depends on the others: the function of a dropless layer, computed on the new tokens of
+    a decoding step (a capacity-dispatch layer's full pass may drop tokens decoding keeps)."""
     B, T, D = x_BTD.shape
-    x = self._groups(x_BTD)
+    x = x_BTD if decoding else self._groups(x_BTD)
     r_in = x.astype(jnp.float32)
     if rng is not None and self.spec.router.jitter > 0:
       r_in = routing.jitter(r_in, rng, self.spec.router.jitter)
@@ -108,7 +111,11 @@ class MoELayer(nnx.Module):
     if mask is not None:
       valid = route.valid & jnp.take_along_axis(mask, route.token, axis=1)
       route = route.replace(valid=valid, weight=jnp.where(valid, route.weight, 0.0))
-    y, stats = self._dispatch(x, route)
+    if decoding:
+      y, stats = run_experts(x, route, self.experts, dropless=True, capacity=T,
+                             dtype=self.dtype)
+    else:
+      y, stats = self._dispatch(x, route)
     y = constrain(y.reshape(B, T, D), ('batch', 'length', 'act_embed'))
     if self.shared is not None:
       y = y + self.shared(x_BTD)

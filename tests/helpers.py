@@ -29,6 +29,7 @@ def tiny_config(base=None, **overrides):
   c.checkpoint_every = 20
   c.eval.batch_size = 8
   c.eval.num_examples = 64
+  c.eval.generation.num_examples = 0  # on in the tests of generation (test_generation.py)
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split('.')

@@ -281,7 +281,7 @@ def test_greedy_generation_with_aux_routing_matches_teacher_forcing():
   model, batch = _decoder_and_batch('tiny,mod=1')
   graphdef, params = nnx.split(model)
   prompt = batch['tokens'][:, :10]
-  out = generate.greedy(graphdef, params, prompt, 6, causal=True)
+  out = generate.recompute_greedy(graphdef, params, prompt, 6, causal=True)
   assert out.shape == (2, 16) and np.array_equal(np.asarray(out[:, :10]), np.asarray(prompt))
   # Causal routing: the logits of the finished sequence reproduce every generated token.
   logits, _ = model({'tokens': out, 'modality': generate.modality_of(out)}, causal=True)

@@ -13,7 +13,7 @@ import pytest
 
 from configs import moma as moma_config
 from core import partitioning
-from training import evaluate, plots, warm_start
+from training import causal, evaluate, plots, warm_start
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODALITIES = ('text', 'image')
@@ -21,7 +21,7 @@ EXPERTS = ['text/0', 'text/1', 'image/0', 'image/1', 'image/2']
 # 2 layers (a MoD layer 0 and a plain layer 1), sequences of 64, a few steps per stage.
 SMALL = ['--config.model.num_layers=2', '--config.batch_size=8', '--config.seq_len=64',
          '--config.warmup_steps=1', '--config.eval.batch_size=16',
-         '--config.eval.num_examples=32']
+         '--config.eval.num_examples=32', '--config.eval.generation.num_examples=8']
 
 
 def test_load_report_names_every_modality_and_expert():
@@ -71,12 +71,12 @@ def test_stale_reason_compares_everything_but_the_aux_routers():
                                  'aux_routers': {0: {'w1': jnp.zeros((3, 1))}}}}}}
   aux_trained = jax.tree_util.tree_map_with_path(
       lambda path, x: x + 1 if 'aux_routers' in jax.tree_util.keystr(path) else x, main)
-  assert evaluate.stale_reason(main, aux_trained, mesh) is None
+  assert causal.stale_reason(main, aux_trained, mesh) is None
   moved = jax.tree.map(lambda x: x, aux_trained)
   moved['blocks'][0]['ffn']['router'] = moved['blocks'][0]['ffn']['router'].at[0, 0].set(1e-7)
-  assert 'differs from the main checkpoint' in evaluate.stale_reason(main, moved, mesh)
+  assert 'differs from the main checkpoint' in causal.stale_reason(main, moved, mesh)
   other = {'embed': main['embed']}
-  assert 'another model structure' in evaluate.stale_reason(main, other, mesh)
+  assert 'another model structure' in causal.stale_reason(main, other, mesh)
 
 
 def test_routing_plot_only_for_reports_with_loads(tmp_path):
@@ -117,6 +117,7 @@ def test_train_aux_stage_then_eval_reports_causal_loss_and_loads(data_dir, tmp_p
   assert not any('causal_load' in e for e in report['routing']['layers'])
   assert (tmp_path / 'routing_load.png').exists()
   assert not (tmp_path / 'aux').exists()  # eval looked, created nothing
+  assert 'auxiliary routers' in report['generation']['note']  # no causal routing yet
 
   _run('train.py', 'tiny,mod=1,stage=aux', tmp_path, data_dir, '--config.total_steps=4',
        '--config.log_every=2')
@@ -124,6 +125,8 @@ def test_train_aux_stage_then_eval_reports_causal_loss_and_loads(data_dir, tmp_p
   report = _run('eval.py', 'tiny,mod=1', tmp_path, data_dir)
   assert report['step'] == 6 and report['aux_step'] == 4
   assert 'causal_loss_note' not in report
+  gen = report['generation']  # decoded with the aux run's routers (seq_len 64 holds no image)
+  assert gen['step'] == 4 and 'no eval prompt leaves room' in gen['note'], gen
   assert set(report['modalities']) == set(MODALITIES)
   for mod in report['modalities'].values():
     assert np.isfinite(mod['causal_loss']) and mod['causal_loss'] > 0
@@ -149,10 +152,10 @@ def test_train_aux_stage_then_eval_reports_causal_loss_and_loads(data_dir, tmp_p
   config = _config()
   mesh = partitioning.make_mesh(config.mesh)
   _, main_params, _, step = warm_start.restore_params(str(tmp_path), mesh)
-  params, aux_step, note = evaluate.load_aux_params(str(tmp_path), main_params, step, mesh)
+  params, aux_step, note = causal.load_aux_params(str(tmp_path), main_params, step, mesh)
   assert params is not None and aux_step == 4 and note is None
   moved = jax.tree_util.tree_map_with_path(
       lambda path, x: x * 1.01 if 'embed' in jax.tree_util.keystr(path) else x, main_params)
-  params, aux_step, note = evaluate.load_aux_params(str(tmp_path), moved, step, mesh)
+  params, aux_step, note = causal.load_aux_params(str(tmp_path), moved, step, mesh)
   assert params is None and aux_step == 4
   assert 'causal_loss skipped' in note and 'main step 6, aux step 4' in note

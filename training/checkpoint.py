@@ -24,6 +24,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
+from configs import common
 from training import storage
 
 ITEMS = ('state', 'data', 'meta')
@@ -60,6 +61,8 @@ LEGACY_DEFAULTS = {
     'data.image_tokens_key': lambda saved: '',
     'data.image_vocab_size': lambda saved: 0,
     'model.grouped_impl': lambda saved: 'auto',
+    **{f'eval.generation.{k}': (lambda v: lambda saved: v)(v)
+       for k, v in common.generation_config().items()},
 }
 
 

@@ -1,6 +1,9 @@
 """The decoder trainer's evaluation of the latest checkpoint in a workdir -> `WORKDIR/eval.json`
-+ plots. Evaluators by name (EVALUATORS: 'lm', 'causal'); a family lists the ones it reports
-(models/families.py). (IMP: projects/imp/evaluate.py writes eval.json `tasks`.)
++ plots. Evaluators by name (EVALUATORS: 'lm', 'causal', 'generation'); a family lists the
+ones it reports (models/families.py). (IMP: projects/imp/evaluate.py writes eval.json
+`tasks`.) 'generation' (training/generation.py) continues the prompts of the first
+`eval.generation.num_examples` eval sequences and scores them: eval.json `generation`,
+WORKDIR/samples.png and samples.json (docs/generation.md).
 
 eval.json:
   {"step": N,
@@ -56,7 +59,6 @@ import math
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
@@ -64,8 +66,8 @@ from jax.experimental import multihost_utils
 from core import partitioning
 from data import pipeline, tokenizer
 from models import families
-from training import checkpoint, plots, stages, state as state_lib, step as step_lib
-from training import storage, warm_start
+from training import checkpoint, plots, state as state_lib, step as step_lib
+from training import causal, generation, storage
 from training.validate import validate
 
 CAUSAL_KEYS = ('load', 'mod_selected_fraction')  # per-layer metrics reported for causal too
@@ -131,53 +133,6 @@ def merge_causal(layers: dict[int, dict], causal_aux, modality_names, expert_nam
   for index, causal in _layer_entries(causal_aux, modality_names, expert_names).items():
     entry = layers.setdefault(index, {'layer': index})
     entry.update({f'causal_{k}': causal[k] for k in CAUSAL_KEYS if k in causal})
-
-
-def _main_weights(params) -> dict[str, jax.Array]:
-  """Every parameter the main stage trains (not the auxiliary routers), by path."""
-  main = stages.STAGES['main']
-  return {jax.tree_util.keystr(path): leaf
-          for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-          if main.trains(state_lib.param_path(path))}
-
-
-def stale_reason(main_params, aux_params, mesh) -> str | None:
-  """Why the aux run's copy of the main model is not the main checkpoint's (None: same).
-  The aux stage freezes the main model exactly, so equal means bit-identical."""
-  a, b = _main_weights(main_params), _main_weights(aux_params)
-  if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
-    return 'the aux run has another model structure than the main checkpoint'
-  keys = sorted(a)
-  equal = jax.jit(lambda xs, ys: jnp.all(jnp.stack(
-      [jnp.array_equal(x, y) for x, y in zip(xs, ys)])))
-  with jax.set_mesh(mesh):
-    same = bool(equal([a[k] for k in keys], [b[k] for k in keys]))
-  return None if same else ('the main model in the aux run differs from the main checkpoint '
-                            '(the main run trained on after the aux stage started)')
-
-
-def load_aux_params(workdir: str, main_params, main_step: int, mesh):
-  """-> (aux params or None, aux step or None, note or None) for the causal pass."""
-  aux_dir = storage.join(workdir, stages.STAGES['aux'].subdir)
-  if not storage.isdir(storage.join(aux_dir, 'checkpoints')):  # don't create it
-    logging.info('no aux run in %s: no causal evaluation (train it with stage=aux)', aux_dir)
-    return None, None, None
-  try:
-    _, params, _, aux_step = warm_start.restore_params(aux_dir, mesh)
-  except checkpoint.CheckpointError:  # one that cannot be read: say so, don't skip quietly
-    raise
-  except ValueError as e:  # the directory exists but holds no checkpoint yet
-    logging.info('%s: no causal evaluation', e)
-    return None, None, None
-  reason = stale_reason(main_params, params, mesh)
-  if reason:
-    note = (f'causal_loss skipped: {reason}; main step {main_step}, aux step {aux_step}. '
-            f'Retrain the aux stage from this checkpoint (remove {aux_dir}, then '
-            f'train.py --config=...,stage=aux).')
-    logging.warning('%s', note)
-    return None, aux_step, note
-  logging.info('causal evaluation with the aux routers of %s/%d', aux_dir, aux_step)
-  return params, aux_step, None
 
 
 def excess_entry(sums: dict[str, np.ndarray], index) -> dict:
@@ -322,8 +277,8 @@ class CausalEval:
 
   def __init__(self, ctx: EvalContext):
     self.ctx, self.names = ctx, tokenizer.MODALITIES
-    self.params, self.aux_step, self.note = load_aux_params(ctx.workdir, ctx.params, ctx.step,
-                                                            ctx.mesh)
+    self.params, self.aux_step, self.note = causal.load_aux_params(
+        ctx.workdir, ctx.params, ctx.step, ctx.mesh)
     self.fn = jax.jit(functools.partial(step_lib.eval_step, graphdef=ctx.layout.graphdef,
                                         num_modalities=len(self.names), causal=True))
     self.totals = _Totals(len(self.names))
@@ -352,7 +307,8 @@ class CausalEval:
       report['causal_loss_note'] = self.note
 
 
-EVALUATORS = {'lm': LMEval, 'causal': CausalEval}  # a family's `evaluators` name these
+# A family's `evaluators` name these.
+EVALUATORS = {'lm': LMEval, 'causal': CausalEval, 'generation': generation.GenerationEval}
 
 
 def evaluate(config, workdir: str) -> dict:

@@ -135,3 +135,30 @@ def plot_routing_load(workdir: str, report: dict, *, max_cols: int = 4) -> str |
   _save(fig, path)
   plt.close(fig)
   return path
+
+
+def plot_samples(path: str, panels, title: str, *, cols: int = 4) -> str:
+  """A grid of generations (eval's samples.png, sample.py's PNG): per panel an image
+  [H, W, 3] uint8 and its caption; `direction` says which of the two was generated and
+  `consistent` (True / False / None) colours the caption (green / red / black)."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  import textwrap
+
+  rows = max(1, -(-len(panels) // cols))
+  fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.4 * rows), squeeze=False)
+  for ax in axes.flat:
+    ax.axis('off')
+  for ax, (image, direction, caption, consistent) in zip(axes.flat, panels):
+    ax.imshow(image, interpolation='nearest')
+    made = 'image' if direction == 'text_to_image' else 'caption'
+    mark = {True: ' (consistent)', False: ' (inconsistent)'}.get(consistent, '')
+    text = '\n'.join(textwrap.wrap(caption or '(no caption)', 34)[:4])
+    ax.set_title(f'generated {made}{mark}\n{text}', fontsize=7,
+                 color={True: 'green', False: 'red'}.get(consistent, 'black'))
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  _save(fig, path)
+  plt.close(fig)
+  return path

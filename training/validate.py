@@ -13,7 +13,7 @@ import jax
 
 from core import partitioning
 from data import pipeline, tokenizer
-from models import families
+from models import families, sampling
 from moe import kernels
 from training import stages
 
@@ -104,6 +104,16 @@ def validate_common(config, num_devices: int, *, skip: tuple[str, ...] = ()
   if config.eval.batch_size % batch_shards:
     raise ValueError(f'config.eval.batch_size={config.eval.batch_size} is not divisible by '
                      f'the {batch_shards} batch shards')
+  gen = config.eval.get('generation')
+  if gen is not None:
+    n = gen.num_examples
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+      raise ValueError(f'config.eval.generation.num_examples must be a non-negative integer '
+                       f'(0 = off), got {n!r}')
+    try:
+      sampling.Sampling(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p).check()
+    except ValueError as e:
+      raise ValueError(str(e).replace('sampling.', 'config.eval.generation.')) from None
   t = sizes['tensor']
   for key, value in (('model.num_heads', m.num_heads), ('model.num_kv_heads', m.num_kv_heads),
                      ('model.mlp_dim', m.mlp_dim), ('model.vocab_size', m.vocab_size)):
