@@ -1,0 +1,266 @@
+"""Mamba (Gu & Dao 2023) blocks and Mixture-of-Mamba (arXiv 2501.16295): SPEC §5.
+
+One block (pre-RMSNorm residual, no FFN: a pure Mamba stack):
+
+    x, z   = in_proj(Norm(h))                 [L, E] each, E = expand * D
+    x      = silu(causal depthwise conv1d(x)) width K
+    dt,B,C = x_proj(x)                        [L, R], [L, N], [L, N]
+    Δ      = softplus(dt_proj(dt))            [L, E]
+    s_t    = exp(Δ_t A) ⊙ s_{t-1} + Δ_t B_t x_t    state [E, N], A = -exp(A_log)
+    y_t    = s_t C_t + D ⊙ x_t
+    h     += out_proj(y ⊙ silu(z))
+
+The recurrence is computed in float32 by `selective_scan`: an associative scan over
+(a_t, b_t) = (exp(Δ_t A), Δ_t B_t x_t) inside chunks of `chunk` steps, the state carried
+from chunk to chunk by a `lax.scan` whose step is rematerialised, so the backward pass
+keeps one [B, E, N] state per chunk and O(chunk · E · N) per chunk at a time, not
+O(L · E · N). `recurrent_scan` is the plain token-by-token `lax.scan` (the reference).
+
+Mixture-of-Mamba unties `in_proj`, `x_proj`, `dt_proj` (weight and bias) and `out_proj` by
+modality (`untie`, any subset of UNTIE): each token goes through its own modality's copy,
+as one grouped matmul over the rows (moe/grouped.py, as MoT's projections), at the dense
+block's cost per token. `conv1d`, `A_log`, `D`, the norm and the scan stay shared: the scan
+runs over the whole interleaved sequence, its state crossing modality switches.
+
+Decoding (models/generate.py): the block's cache is its conv window (the last K - 1 conv
+inputs) and its state [B, E, N]; `decode` continues both over the new tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from core import layers, partitioning
+from core.partitioning import constrain
+from moe import grouped
+
+UNTIE = ('in', 'x', 'dt', 'out')
+
+
+@dataclasses.dataclass(frozen=True)
+class MambaSpec:
+  """Settings of every Mamba block (built from `config.model.mamba`)."""
+  state: int = 16  # N
+  conv: int = 4  # K: depthwise conv width
+  expand: int = 2  # E = expand * D
+  dt_rank: int = 0  # R; 0 = ceil(D / 16)
+  chunk: int = 64  # scan chunk length (memory O(chunk E N) per chunk)
+  untie: frozenset = frozenset()  # subset of UNTIE: projections per modality
+  num_modalities: int = 2
+  dt_min: float = 1e-3
+  dt_max: float = 0.1
+
+  def inner(self, embed_dim: int) -> int:
+    return self.expand * embed_dim
+
+  def rank(self, embed_dim: int) -> int:
+    return self.dt_rank or math.ceil(embed_dim / 16)
+
+
+def check_spec(spec: MambaSpec) -> None:
+  bad = set(spec.untie) - set(UNTIE)
+  if bad:
+    raise ValueError(f'model.mamba.untie names {sorted(bad)}; choose from {UNTIE} or "all"')
+  for key in ('state', 'conv', 'expand', 'chunk'):
+    if getattr(spec, key) < 1:
+      raise ValueError(f'model.mamba.{key} must be >= 1, got {getattr(spec, key)}')
+  if not 0 < spec.dt_min <= spec.dt_max:
+    raise ValueError(f'model.mamba.dt_min={spec.dt_min} and dt_max={spec.dt_max} must '
+                     'satisfy 0 < dt_min <= dt_max')
+
+
+# ---------------------------------------------------------------------------
+# The recurrence.
+
+
+def _combine(left, right):
+  a1, b1 = left
+  a2, b2 = right
+  return a2 * a1, a2 * b1 + b2
+
+
+def _chunk_scan(state_BEN, delta_BLE, A_EN, B_BLN, C_BLN, x_BLE):
+  """One chunk: -> (its last state, y [B, Lc, E] without the D skip)."""
+  a = jnp.exp(delta_BLE[..., None] * A_EN)  # [B, Lc, E, N]
+  b = delta_BLE[..., None] * B_BLN[:, :, None, :] * x_BLE[..., None]
+  a, b = jax.lax.associative_scan(_combine, (a, b), axis=1)
+  states = a * state_BEN[:, None] + b
+  return states[:, -1], jnp.einsum('BLEN,BLN->BLE', states, C_BLN)
+
+
+def selective_scan(delta_BLE, A_EN, B_BLN, C_BLN, x_BLE, *, chunk: int, state_BEN=None):
+  """y [B, L, E] (float32, without the D skip) and the final state [B, E, N] of the
+  selective recurrence, chunked. Padding steps (Δ = 0: a = 1, b = 0) leave the state as
+  it is, so L need not divide by `chunk`."""
+  f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
+  delta, A, Bm, Cm, x = map(f32, (delta_BLE, A_EN, B_BLN, C_BLN, x_BLE))
+  Bsz, L, E = x.shape
+  N = A.shape[1]
+  state = jnp.zeros((Bsz, E, N), jnp.float32) if state_BEN is None else f32(state_BEN)
+  c = min(chunk, L)
+  pad = -L % c
+  if pad:
+    pad_t = lambda t: jnp.pad(t, ((0, 0), (0, pad)) + ((0, 0),) * (t.ndim - 2))  # noqa: E731
+    delta, Bm, Cm, x = map(pad_t, (delta, Bm, Cm, x))
+  n = (L + pad) // c
+  chunks = lambda t: jnp.moveaxis(t.reshape(Bsz, n, c, *t.shape[2:]), 1, 0)  # noqa: E731
+  step = jax.checkpoint(lambda s, inp: _chunk_scan(s, inp[0], A, inp[1], inp[2], inp[3]))
+  state, y = jax.lax.scan(step, state, (chunks(delta), chunks(Bm), chunks(Cm), chunks(x)))
+  y = jnp.moveaxis(y, 0, 1).reshape(Bsz, n * c, E)[:, :L]
+  return y, state
+
+
+def recurrent_scan(delta_BLE, A_EN, B_BLN, C_BLN, x_BLE, state_BEN=None):
+  """The same recurrence token by token (`lax.scan` over time): the reference, and what
+  one decoding step computes."""
+  f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
+  delta, A, Bm, Cm, x = map(f32, (delta_BLE, A_EN, B_BLN, C_BLN, x_BLE))
+  Bsz, _, E = x.shape
+  state = (jnp.zeros((Bsz, E, A.shape[1]), jnp.float32) if state_BEN is None
+           else f32(state_BEN))
+
+  def step(s, t):
+    d, bt, ct, xt = t
+    s = jnp.exp(d[..., None] * A) * s + d[..., None] * bt[:, None, :] * xt[..., None]
+    return s, jnp.einsum('BEN,BN->BE', s, ct)
+  state, y = jax.lax.scan(step, state, tuple(jnp.swapaxes(t, 0, 1) for t in (delta, Bm, Cm, x)))
+  return jnp.swapaxes(y, 0, 1), state
+
+
+def causal_conv(x_BLE, w_EK, b_E, window_BKE=None):
+  """Depthwise causal conv: y[t] = b + sum_k w[:, k] x[t - K + 1 + k]; `window` holds the
+  K - 1 inputs before x (zeros: the sequence start). -> (y, the last K - 1 inputs)."""
+  K = w_EK.shape[1]
+  Bsz, L, E = x_BLE.shape
+  if window_BKE is None:
+    window_BKE = jnp.zeros((Bsz, K - 1, E), x_BLE.dtype)
+  full = jnp.concatenate([window_BKE.astype(x_BLE.dtype), x_BLE], axis=1)  # [B, L+K-1, E]
+  w = w_EK.astype(jnp.float32)
+  y = sum(full[:, k:k + L].astype(jnp.float32) * w[:, k] for k in range(K))
+  return (y + b_E.astype(jnp.float32)).astype(x_BLE.dtype), full[:, L:]
+
+
+# ---------------------------------------------------------------------------
+# Parameters.
+
+
+def _dt_bias_init(spec: MambaSpec):
+  """softplus^-1(dt), dt = exp(U[ln dt_min, ln dt_max]) clamped >= 1e-4 (Mamba's init)."""
+  def init(key, shape, dtype):
+    u = jax.random.uniform(key, shape, jnp.float32)
+    dt = jnp.exp(u * (math.log(spec.dt_max) - math.log(spec.dt_min)) + math.log(spec.dt_min))
+    dt = jnp.maximum(dt, 1e-4)
+    return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+  return init
+
+
+def _uniform(bound: float):
+  return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class Mixer(nnx.Module):
+  """The Mamba mixer of one block (what sits between the norm and the residual add)."""
+
+  def __init__(self, spec: MambaSpec, *, embed_dim: int, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    self.spec, self.dtype = spec, dtype
+    D, E, N, K, R = (embed_dim, spec.inner(embed_dim), spec.state, spec.conv,
+                     spec.rank(embed_dim))
+    M = spec.num_modalities
+
+    def weight(part, init, shape, axes):
+      if part in spec.untie:
+        shape, axes = (M,) + tuple(shape), ('modality',) + tuple(axes)
+      return partitioning.param(rngs, init, shape, axes, param_dtype)
+    fan = partitioning.fan_in_init
+    self.in_proj = weight('in', fan(D), (D, 2, E), ('embed', None, 'mlp'))
+    self.conv_w = partitioning.param(rngs, _uniform(K ** -0.5), (E, K), ('mlp', None),
+                                     param_dtype)
+    self.conv_b = partitioning.param(rngs, _uniform(K ** -0.5), (E,), ('mlp',), param_dtype)
+    self.x_proj = weight('x', fan(E), (E, R + 2 * N), ('mlp', None))
+    self.dt_w = weight('dt', _uniform(R ** -0.5), (R, E), (None, 'mlp'))
+    self.dt_b = weight('dt', _dt_bias_init(spec), (E,), ('mlp',))
+    a_log = lambda key, shape, dtype: jnp.broadcast_to(  # noqa: E731
+        jnp.log(jnp.arange(1, N + 1, dtype=jnp.float32)), shape).astype(dtype)
+    self.A_log = partitioning.param(rngs, a_log, (E, N), ('mlp', None), jnp.float32)
+    self.D = partitioning.param(rngs, nnx.initializers.ones, (E,), ('mlp',), jnp.float32)
+    self.out_proj = weight('out', fan(E), (E, D), ('mlp', 'embed'))
+
+  def _proj(self, part, w, x_BLI, modality_BL):
+    """x @ w, each token with its own modality's copy of w when `part` is untied."""
+    w = w[...].astype(self.dtype)
+    Bsz, L, I = x_BLI.shape
+    x = x_BLI.astype(self.dtype).reshape(Bsz * L, I)
+    if part not in self.spec.untie:
+      return (x @ w.reshape(I, -1)).reshape(Bsz, L, *w.shape[1:])
+    y = grouped.grouped_matmul_rows(x, w.reshape(w.shape[0], I, -1),
+                                    modality_BL.reshape(-1).astype(jnp.int32))
+    return y.reshape(Bsz, L, *w.shape[2:])
+
+  def _bias(self, b, modality_BL):
+    b = b[...].astype(jnp.float32)
+    return b[modality_BL] if b.ndim == 2 else b
+
+  def __call__(self, h_BLD, modality_BL, cache=None):
+    """-> (out [B, L, D], new cache or None). `cache` (decoding): {'conv': [B, K-1, E],
+    'ssm': [B, E, N]}, continued over these L tokens."""
+    spec = self.spec
+    xz = self._proj('in', self.in_proj, h_BLD, modality_BL)  # [B, L, 2, E]
+    x, z = xz[:, :, 0], xz[:, :, 1]
+    x = constrain(x, ('batch', 'length', 'act_mlp'))
+    conv, window = causal_conv(x, self.conv_w[...], self.conv_b[...],
+                               None if cache is None else cache['conv'])
+    x = jax.nn.silu(conv.astype(jnp.float32)).astype(self.dtype)
+    dbc = self._proj('x', self.x_proj, x, modality_BL).astype(jnp.float32)
+    R = spec.rank(h_BLD.shape[-1])
+    dt, Bm, Cm = dbc[..., :R], dbc[..., R:R + spec.state], dbc[..., R + spec.state:]
+    delta = jax.nn.softplus(self._proj('dt', self.dt_w, dt, modality_BL).astype(jnp.float32)
+                            + self._bias(self.dt_b, modality_BL))
+    A = -jnp.exp(self.A_log[...].astype(jnp.float32))
+    y, state = selective_scan(delta, A, Bm, Cm, x, chunk=spec.chunk,
+                              state_BEN=None if cache is None else cache['ssm'])
+    y = y + self.D[...].astype(jnp.float32) * x.astype(jnp.float32)
+    y = (y * jax.nn.silu(z.astype(jnp.float32))).astype(self.dtype)
+    out = self._proj('out', self.out_proj, y, modality_BL)
+    out = constrain(out, ('batch', 'length', 'act_embed'))
+    return out, (None if cache is None else {'conv': window, 'ssm': state})
+
+
+def init_mamba_cache(spec: MambaSpec, batch: int, embed_dim: int, dtype) -> dict:
+  E = spec.inner(embed_dim)
+  return {'conv': constrain(jnp.zeros((batch, spec.conv - 1, E), dtype),
+                            ('batch', None, 'act_mlp')),
+          'ssm': constrain(jnp.zeros((batch, E, spec.state), jnp.float32),
+                           ('batch', 'act_mlp', None))}
+
+
+class MambaBlock(nnx.Module):
+  """h + Mixer(RMSNorm(h)); `decode` carries the conv window and the state."""
+
+  def __init__(self, decoder_spec, *, rngs: nnx.Rngs):
+    s = decoder_spec
+    self.spec = s.ext
+    dtype, pdtype = layers.dtype_of(s.dtype), layers.dtype_of(s.param_dtype)
+    self.dtype = dtype
+    self.norm = layers.RMSNorm(s.embed_dim, param_dtype=pdtype, rngs=rngs)
+    self.mixer = Mixer(s.ext, embed_dim=s.embed_dim, dtype=dtype, param_dtype=pdtype,
+                       rngs=rngs)
+
+  def __call__(self, x_BLD, sin_cos, rng=None, *, modality, causal=False):
+    del sin_cos, rng, causal  # no positions (the recurrence orders), no routing
+    out, _ = self.mixer(self.norm(x_BLD), modality)
+    return x_BLD + out.astype(x_BLD.dtype), {}
+
+  def init_cache(self, batch: int, max_len: int) -> dict:
+    del max_len  # the state does not grow
+    return init_mamba_cache(self.spec, batch, self.norm.scale.shape[0], self.dtype)
+
+  def decode(self, x_BSD, sin_cos, *, modality, cache, index):
+    del sin_cos, index
+    out, cache = self.mixer(self.norm(x_BSD), modality, cache)
+    return x_BSD + out.astype(x_BSD.dtype), cache

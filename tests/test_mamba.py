@@ -1,0 +1,154 @@
+"""Mamba and Mixture-of-Mamba (models/mamba.py): the chunked scan, the token-by-token
+recurrence, decoding with the cache and a float64 reference agree; untying is exact."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import mamba
+
+D, L = 16, 13
+
+
+def mixer(untie=(), chunk=4, seed=0):
+  spec = mamba.MambaSpec(state=4, conv=3, expand=2, chunk=chunk, untie=frozenset(untie))
+  return mamba.Mixer(spec, embed_dim=D, dtype=jnp.float32, param_dtype=jnp.float32,
+                     rngs=nnx.Rngs(params=seed))
+
+
+def inputs(B=2, seed=1):
+  rng = np.random.default_rng(seed)
+  h = jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32)
+  modality = jnp.asarray(rng.integers(0, 2, (B, L)), jnp.int32)  # switches mid-sequence
+  return h, modality
+
+
+def numpy_scan(delta, A, Bm, Cm, x):
+  delta, A, Bm, Cm, x = (np.asarray(t, np.float64) for t in (delta, A, Bm, Cm, x))
+  Bsz, T, E = x.shape
+  s = np.zeros((Bsz, E, A.shape[1]))
+  y = np.zeros((Bsz, T, E))
+  for t in range(T):
+    s = np.exp(delta[:, t, :, None] * A) * s + (delta[:, t, :, None] * Bm[:, t, None, :]
+                                                 * x[:, t, :, None])
+    y[:, t] = np.einsum('ben,bn->be', s, Cm[:, t])
+  return y, s
+
+
+@pytest.mark.parametrize('chunk', [1, 4, 5, 64])
+def test_chunked_scan_equals_the_recurrence_and_float64(chunk):
+  rng = np.random.default_rng(0)
+  B, E, N = 2, 6, 4
+  delta = jnp.asarray(rng.uniform(0.01, 0.5, (B, L, E)), jnp.float32)
+  A = -jnp.asarray(rng.uniform(0.5, 4, (E, N)), jnp.float32)
+  Bm, Cm, x = (jnp.asarray(rng.normal(size=s), jnp.float32)
+               for s in ((B, L, N), (B, L, N), (B, L, E)))
+  y, s = jax.jit(lambda *a: mamba.selective_scan(*a, chunk=chunk))(delta, A, Bm, Cm, x)
+  y_r, s_r = jax.jit(mamba.recurrent_scan)(delta, A, Bm, Cm, x)
+  y_np, s_np = numpy_scan(delta, A, Bm, Cm, x)
+  np.testing.assert_allclose(np.asarray(y), y_np, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(y_r), y_np, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(s), s_np, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(s_r), s_np, atol=1e-5, rtol=1e-5)
+
+
+def numpy_mixer(m, h, modality):
+  """One Mixer in float64 numpy, token by token (untied weights picked per token)."""
+  p = {k: np.asarray(v[...], np.float64) for k, v in nnx.to_pure_dict(nnx.state(m)).items()}
+  spec = m.spec
+  pick = lambda name, part, mod: p[name][mod] if part in spec.untie else p[name]  # noqa
+  h, modality = np.asarray(h, np.float64), np.asarray(modality)
+  B, T, _ = h.shape
+  E, N, K, R = spec.inner(D), spec.state, spec.conv, spec.rank(D)
+  silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
+  out = np.zeros_like(h)
+  A = -np.exp(p['A_log'])
+  for b in range(B):
+    xs, zs = np.zeros((T, E)), np.zeros((T, E))
+    for t in range(T):
+      xz = h[b, t] @ pick('in_proj', 'in', modality[b, t]).reshape(D, 2 * E)
+      xs[t], zs[t] = xz[:E], xz[E:]
+    s = np.zeros((E, N))
+    for t in range(T):
+      conv = p['conv_b'] + sum(p['conv_w'][:, k] * xs[t - K + 1 + k]
+                               for k in range(K) if t - K + 1 + k >= 0)
+      xc = silu(conv)
+      mod = modality[b, t]
+      dbc = xc @ pick('x_proj', 'x', mod)
+      dt, Bt, Ct = dbc[:R], dbc[R:R + N], dbc[R + N:]
+      delta = np.log1p(np.exp(dt @ pick('dt_w', 'dt', mod) + pick('dt_b', 'dt', mod)))
+      s = np.exp(delta[:, None] * A) * s + delta[:, None] * Bt[None, :] * xc[:, None]
+      y = s @ Ct + p['D'] * xc
+      out[b, t] = (y * silu(zs[t])) @ pick('out_proj', 'out', mod)
+  return out
+
+
+@pytest.mark.parametrize('untie', [(), ('in', 'x', 'dt', 'out'), ('dt',)])
+def test_mixer_equals_a_float64_token_loop_and_cached_decoding(untie):
+  m = mixer(untie)
+  h, modality = inputs()
+  full, _ = jax.jit(lambda h, mod: m(h, mod))(h, modality)
+  np.testing.assert_allclose(np.asarray(full), numpy_mixer(m, h, modality), atol=2e-5,
+                             rtol=2e-5)
+  # A prefill of 5 tokens, then one token per call with the cache: the same outputs.
+  cache = mamba.init_mamba_cache(m.spec, 2, D, jnp.float32)
+  step = jax.jit(lambda h, mod, c: m(h, mod, c))
+  outs = []
+  out, cache = step(h[:, :5], modality[:, :5], cache)
+  outs.append(out)
+  for t in range(5, L):
+    out, cache = step(h[:, t:t + 1], modality[:, t:t + 1], cache)
+    outs.append(out)
+  np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(full),
+                             atol=2e-5, rtol=2e-5)
+
+
+def test_untied_with_equal_copies_is_the_dense_mixer():
+  dense, untied = mixer(()), mixer(mamba.UNTIE)
+  p_dense = nnx.to_pure_dict(nnx.state(dense))
+  p = nnx.to_pure_dict(nnx.state(untied))
+  for k, v in p_dense.items():
+    p[k] = jnp.broadcast_to(v, p[k].shape) if p[k].shape != v.shape else v
+  nnx.update(untied, p)
+  h, modality = inputs()
+  np.testing.assert_allclose(np.asarray(untied(h, modality)[0]),
+                             np.asarray(dense(h, modality)[0]), atol=1e-6, rtol=1e-6)
+
+
+def test_a_modality_absent_from_the_batch_gets_no_gradient_but_shared_parts_do():
+  m = mixer(mamba.UNTIE)
+  graphdef, params = nnx.split(m)
+  h, _ = inputs()
+  text_only = jnp.zeros((2, L), jnp.int32)
+
+  def loss(params):
+    out, _ = nnx.merge(graphdef, params)(h, text_only)
+    return jnp.sum(out ** 2)
+  g = nnx.to_pure_dict(jax.grad(loss)(params))
+  for name in ('in_proj', 'x_proj', 'dt_w', 'dt_b', 'out_proj'):
+    assert np.all(np.asarray(g[name][1]) == 0), name  # image copies: exactly zero
+    assert np.any(np.asarray(g[name][0]) != 0), name
+  for name in ('conv_w', 'conv_b', 'A_log', 'D'):
+    assert np.any(np.asarray(g[name]) != 0), name
+
+
+@pytest.mark.parametrize('untie', [(), ('in',), ('x', 'dt'), mamba.UNTIE])
+def test_each_untie_subset_unties_exactly_what_it_names(untie):
+  p = nnx.to_pure_dict(nnx.state(mixer(untie)))
+  names = {'in': ('in_proj',), 'x': ('x_proj',), 'dt': ('dt_w', 'dt_b'), 'out': ('out_proj',)}
+  tied = {'in_proj': 3, 'x_proj': 2, 'dt_w': 2, 'dt_b': 1, 'out_proj': 2, 'conv_w': 2,
+          'conv_b': 1, 'A_log': 2, 'D': 1}
+  untied = {n for part in untie for n in names[part]}
+  for name, ndim in tied.items():
+    assert p[name].ndim == ndim + (name in untied), name
+    if name in untied:
+      assert p[name].shape[0] == 2
+
+
+def test_bad_spec_is_one_clear_error():
+  with pytest.raises(ValueError, match=r"model.mamba.untie names \['ffn'\]"):
+    mamba.check_spec(mamba.MambaSpec(untie=frozenset({'ffn'})))
+  with pytest.raises(ValueError, match='model.mamba.chunk must be >= 1'):
+    mamba.check_spec(mamba.MambaSpec(chunk=0))
