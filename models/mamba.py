@@ -37,6 +37,8 @@ from flax import nnx
 
 from core import layers, partitioning
 from core.partitioning import constrain
+from data import tokenizer
+from models import dense as dense_lib, family as family_lib
 from moe import grouped
 
 UNTIE = ('in', 'x', 'dt', 'out')
@@ -242,13 +244,13 @@ def init_mamba_cache(spec: MambaSpec, batch: int, embed_dim: int, dtype) -> dict
 class MambaBlock(nnx.Module):
   """h + Mixer(RMSNorm(h)); `decode` carries the conv window and the state."""
 
-  def __init__(self, decoder_spec, *, rngs: nnx.Rngs):
+  def __init__(self, decoder_spec, spec: MambaSpec, *, rngs: nnx.Rngs):
     s = decoder_spec
-    self.spec = s.ext
+    self.spec = spec
     dtype, pdtype = layers.dtype_of(s.dtype), layers.dtype_of(s.param_dtype)
     self.dtype = dtype
     self.norm = layers.RMSNorm(s.embed_dim, param_dtype=pdtype, rngs=rngs)
-    self.mixer = Mixer(s.ext, embed_dim=s.embed_dim, dtype=dtype, param_dtype=pdtype,
+    self.mixer = Mixer(spec, embed_dim=s.embed_dim, dtype=dtype, param_dtype=pdtype,
                        rngs=rngs)
 
   def __call__(self, x_BLD, sin_cos, rng=None, *, modality, causal=False):
@@ -264,3 +266,86 @@ class MambaBlock(nnx.Module):
     del sin_cos, index
     out, cache = self.mixer(self.norm(x_BSD), modality, cache)
     return x_BSD + out.astype(x_BSD.dtype), cache
+
+
+# ---------------------------------------------------------------------------
+# The Mamba family (models/family.py): config -> spec, blocks, parameters, checks.
+
+
+def mamba_spec_from_config(mcfg) -> MambaSpec:
+  names = tokenizer.MODALITIES
+  untie = {'all': ','.join(UNTIE), 'none': ''}.get(mcfg.untie, mcfg.untie)
+  return MambaSpec(state=mcfg.state, conv=mcfg.conv, expand=mcfg.expand,
+                   dt_rank=mcfg.dt_rank, chunk=mcfg.chunk,
+                   untie=frozenset(p.strip() for p in untie.split(',') if p.strip()),
+                   num_modalities=len(names))
+
+
+def is_attention_layer(spec, layer: int) -> bool:
+  """A hybrid (model.mamba.attn_every = n > 0): layer i is a transformer block iff
+  i % n == n - 1."""
+  n = spec.ext['attn_every']
+  return n > 0 and layer % n == n - 1
+
+
+def _block(spec, layer, rngs):
+  if is_attention_layer(spec, layer):
+    return dense_lib.Block(spec, rngs=rngs)
+  return MambaBlock(spec, spec.ext['mamba'], rngs=rngs)
+
+
+def _mixer_params(spec, active: bool) -> dict[str, float]:
+  """Parameters of one Mamba block by part (untied parts count M times unless `active`)."""
+  m, d = spec.ext['mamba'], spec.embed_dim
+  E, N, K, R = m.inner(d), m.state, m.conv, m.rank(d)
+  copies = lambda part: 1 if active or part not in m.untie else m.num_modalities  # noqa
+  return {'norm': d, 'in': d * 2 * E * copies('in'), 'conv': E * K + E,
+          'x': E * (R + 2 * N) * copies('x'), 'dt': (R * E + E) * copies('dt'),
+          'A_log': E * N, 'D': E, 'out': E * d * copies('out')}
+
+
+def _layer_params(spec, layer: int, active: bool) -> float:
+  if is_attention_layer(spec, layer):
+    return dense_lib.layer_params(spec, layer, active)
+  return sum(_mixer_params(spec, active).values())
+
+
+def _attention_keys(spec, layer: int, seq_len: int) -> float:
+  return float(seq_len) if is_attention_layer(spec, layer) else 0.0
+
+
+def _matmul_params(spec, layer: int, active_params: float) -> float:
+  """The projections (the conv, the scan and the D skip are elementwise: not counted)."""
+  if is_attention_layer(spec, layer):
+    return active_params - 2 * spec.embed_dim
+  p = _mixer_params(spec, True)
+  return p['in'] + p['x'] + p['dt'] - spec.ext['mamba'].inner(spec.embed_dim) + p['out']
+
+
+def _validate(config, sizes) -> None:
+  mc = config.model.mamba
+  for key in ('state', 'conv', 'expand', 'chunk'):
+    if not isinstance(mc[key], int) or mc[key] < 1:
+      raise ValueError(f'config.model.mamba.{key} must be a positive integer, got {mc[key]!r}')
+  for key in ('dt_rank', 'attn_every'):
+    if not isinstance(mc[key], int) or mc[key] < 0:
+      raise ValueError(f'config.model.mamba.{key} must be a non-negative integer, got '
+                       f'{mc[key]!r}')
+  check_spec(mamba_spec_from_config(mc))
+  inner = mc.expand * config.model.embed_dim
+  if inner % sizes['tensor']:
+    raise ValueError(f'the Mamba inner width model.mamba.expand x model.embed_dim = {inner} '
+                     f"is not divisible by mesh.tensor={sizes['tensor']}")
+
+
+FAMILY = family_lib.Family(
+    name='mamba',
+    spec_fields=lambda model_cfg, stage: {'ext': {
+        'mamba': mamba_spec_from_config(model_cfg.mamba),
+        'attn_every': model_cfg.mamba.attn_every}},
+    block=_block,
+    layer_params=_layer_params,
+    validate=_validate,
+    attention_keys=_attention_keys,
+    matmul_params=_matmul_params,
+)

@@ -152,3 +152,13 @@ def test_bad_spec_is_one_clear_error():
     mamba.check_spec(mamba.MambaSpec(untie=frozenset({'ffn'})))
   with pytest.raises(ValueError, match='model.mamba.chunk must be >= 1'):
     mamba.check_spec(mamba.MambaSpec(chunk=0))
+
+
+def test_a_log_and_d_get_no_weight_decay():
+  from training import state as state_lib
+  mask = state_lib.decay_mask(nnx.state(mixer(mamba.UNTIE)))
+  flat = {state_lib.param_path(k).split('/')[0]: v
+          for k, v in jax.tree_util.tree_leaves_with_path(mask)}
+  assert flat == {'A_log': False, 'D': False, 'conv_b': False, 'conv_w': True,
+                  'dt_b': False, 'dt_w': True, 'in_proj': True, 'out_proj': True,
+                  'x_proj': True}

@@ -130,14 +130,19 @@ def run_generation(config, mesh, graphdef, params, prompts: list[np.ndarray], *,
   buf = np.full((n, P), tokenizer.PAD, np.int32)
   buf[:, 0] = tokenizer.BOS
   lengths = np.ones(n, np.int32)
-  for i, p in enumerate(prompts):
+  for i in range(n):  # rows past the prompts repeat the first (their output is dropped)
+    p = prompts[i] if i < len(prompts) else (prompts[0] if prompts else buf[i, :1])
     buf[i, :len(p)], lengths[i] = p, len(p)
   run = generate.generator(graphdef, num_new=config.seq_len, max_len=config.seq_len,
                            sampling=sampling, grammar=grammar_of(config.data))
   sh = partitioning.batch_sharding(mesh)
+  prefill = int(lengths.min())  # every process compiles the same program
+  if jax.process_count() > 1:
+    prefill = int(np.min(multihost_utils.process_allgather(np.int32(prefill))))
   with jax.set_mesh(mesh):
     out = run(params, partitioning.shard_batch({'p': buf}, sh)['p'],
-              partitioning.shard_batch({'l': lengths}, sh)['l'], jax.random.key(seed))
+              partitioning.shard_batch({'l': lengths}, sh)['l'], jax.random.key(seed),
+              prefill=prefill)
     out = multihost_utils.process_allgather(out, tiled=True) if jax.process_count() > 1 \
         else np.asarray(out)
   local = n * jax.process_index()

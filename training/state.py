@@ -79,10 +79,20 @@ def frozen_mask(params, stage: str = 'main'):
                                           params)
 
 
+NO_DECAY = ('A_log',)  # matrices without weight decay: Mamba's state matrix (SPEC §5)
+
+
+def decay_mask(params):
+  """True for the parameters with weight decay: matrices, but not NO_DECAY."""
+  def decays(path, p):
+    names = param_path(path).split('/')
+    return p.ndim >= 2 and not set(names[-2:]) & set(NO_DECAY)
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping; weight decay on matrices only (not norms/biases).
-  Frozen parameters (`frozen_mask`) get exactly zero updates (no decay drift either)."""
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  """AdamW with global-norm clipping; weight decay on matrices only (not norms, biases,
+  NO_DECAY). Frozen parameters (`frozen_mask`) get exactly zero updates (no decay drift)."""
   stage = stages.stage_of(config).name
   return optax.chain(
       optax.clip_by_global_norm(config.grad_clip),
