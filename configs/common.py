@@ -123,9 +123,15 @@ def _vocab_size(codebook: str, image_vocab: ml_collections.FieldReference):
   return -((-(most + tokenizer.IMAGE_OFFSET)) // 128) * 128
 
 
-def base_config(size: str, data: str = 'shapes') -> ml_collections.ConfigDict:
+# Variants of the shared model keys a family's config arg may take (its VARIANTS include
+# them; it passes them on to base_config): `attn_gate=headwise` sets model.attn_gate.
+MODEL_VARIANTS = {'attn_gate': 'none'}
+
+
+def base_config(size: str, data: str = 'shapes', *, attn_gate: str = 'none'
+                ) -> ml_collections.ConfigDict:
   """Keys every family shares, filled in for `size` from the size table and for the embedded
-  dataset `data` (DATASETS)."""
+  dataset `data` (DATASETS); `attn_gate`: model.attn_gate."""
   s = SIZES[size]
   big = size in ACCELERATOR_SIZES
   data_values, max_len = dataset(data)
@@ -146,6 +152,9 @@ def base_config(size: str, data: str = 'shapes') -> ml_collections.ConfigDict:
   c.model.mlp_dim = s['mlp_dim']
   c.model.rope_theta = 10_000.0
   c.model.attention_impl = ''  # '' (JAX picks) | 'xla' | 'cudnn'
+  # gated attention (docs/gates.md): SDPA * sigmoid(x W_g) before W_O; 'none' | 'headwise'
+  # (W_g [D, H]) | 'elementwise' (W_g [D, H, K])
+  c.model.attn_gate = attn_gate
   # grouped-matmul kernel of dropless MoE and MoT (moe/grouped.py): 'auto' | 'ragged_dot' |
   # 'tokamax' | 'blocks' | 'batched'; all compute the same function
   c.model.grouped_impl = 'auto'

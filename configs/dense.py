@@ -9,14 +9,17 @@ Args: a size from configs/common.py SIZES: tiny | small | base | 1b. Larger size
 GPUs/TPUs: they default to FSDP over all devices, bfloat16 compute and rematerialisation.
 Then optionally:
   data=shapes     the embedded dataset: shapes (mm_shapes) | scenes | scenes/g3_k128 (mm_scenes)
-e.g. `configs/dense.py:tiny,data=scenes`.
+  attn_gate=none  gated attention (docs/gates.md): none | headwise | elementwise
+e.g. `configs/dense.py:tiny,data=scenes`, `configs/dense.py:tiny,attn_gate=headwise`.
 """
 
 from configs import common
 
+VARIANTS = {**common.MODEL_VARIANTS}
+
 
 def get_config(arg: str = 'tiny'):
-  size, v = common.parse_arg(arg)
-  c = common.base_config(size, v['data'])
+  size, v = common.parse_arg(arg, allowed=VARIANTS)
+  c = common.base_config(size, v['data'], attn_gate=v['attn_gate'])
   c.model.family = 'dense'
   return c

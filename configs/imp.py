@@ -10,6 +10,8 @@ Args: a size from configs/common.py SIZES, then variants:
   moe=0             MoE FFNs (expert choice, capacity 1.0) in the last `moe` encoder layers
   mask=1            1: a step on task A changes only the parameters A's loss reaches (no
                     momentum or weight-decay drift elsewhere); 0: plain updates of everything
+  attn_gate=none    gated attention in the encoder (model.attn_gate, docs/gates.md): none |
+                    headwise | elementwise
 e.g. `configs/imp.py:tiny,schedule=cycle`, `configs/imp.py:tiny,moe=1,mode=summed`.
 
 Tasks on the embedded mm_shapes data (`config.tasks.<name>`; a task may read another TFDS
@@ -23,7 +25,8 @@ import ml_collections
 from configs import common
 from data import shapes
 
-VARIANTS = {'schedule': 'sample', 'mode': 'agd', 'moe': '0', 'mask': '1'}
+VARIANTS = {'schedule': 'sample', 'mode': 'agd', 'moe': '0', 'mask': '1',
+            **common.MODEL_VARIANTS}
 
 
 def _task(kind, image_size, batch_size, weight, interval, text_len=0, head=''):
@@ -41,7 +44,7 @@ def _task(kind, image_size, batch_size, weight, interval, text_len=0, head=''):
 
 def get_config(arg: str = 'tiny'):
   size, v = common.parse_arg(arg, allowed=VARIANTS, data=False)
-  c = common.base_config(size)
+  c = common.base_config(size, attn_gate=v['attn_gate'])
   c.model.family = 'imp'
   c.trainer = 'imp'  # projects/imp: alternating gradient descent over tasks
   if size == 'tiny':

@@ -20,13 +20,13 @@ import ml_collections
 
 from configs import common
 
-VARIANTS = {'untie': 'none', 'state': '16', 'conv': '4', 'expand': '2', 'chunk': '64',
+VARIANTS = {**common.MODEL_VARIANTS, 'untie': 'none', 'state': '16', 'conv': '4', 'expand': '2', 'chunk': '64',
             'attn_every': '0'}
 
 
 def get_config(arg: str = 'tiny'):
   size, v = common.parse_arg(arg, allowed=VARIANTS, list_keys=('untie',))
-  c = common.base_config(size, v['data'])
+  c = common.base_config(size, v['data'], attn_gate=v['attn_gate'])
   c.model.family = 'mamba'
   c.model.num_layers = 2 * common.SIZES[size]['num_layers']
   c.model.mamba = ml_collections.ConfigDict(dict(

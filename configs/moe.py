@@ -1,5 +1,6 @@
 """Decoder with mixture-of-experts FFNs (moe/): routers, capacity or dropless dispatch,
-expert parallelism over the mesh axis `expert`.
+expert parallelism over the mesh axis `expert`; PR-MoE's pyramid and residual form, and
+fine-grained upcycling from a dense run (docs/pyramid_upcycle.md).
 
 Run (2 CPU cores, a few minutes):
   python train.py --config=configs/moe.py:tiny --workdir=runs/moe_tiny
@@ -7,11 +8,26 @@ Run (2 CPU cores, a few minutes):
 Expert parallelism on 8 devices (same losses as 1 device; see tests/test_moe_layer.py):
   python train.py --config=configs/moe.py:tiny --workdir=runs/moe_ep \
       --config.mesh.data=2 --config.mesh.expert=4
+A PR-MoE pyramid (4 experts in the first MoE layer, 8 in the last) with the residual MLP:
+  python train.py --config=configs/moe.py:tiny,experts=4,8,residual=1 --workdir=runs/prmoe
+Fine-grained upcycling of a trained dense run (its FFN cut into 4 slices, each cloned into
+2 experts; top-4 routing; the first step computes exactly the dense model):
+  python train.py --config=configs/dense.py:tiny --workdir=runs/dense_tiny
+  python train.py --config=configs/moe.py:tiny,slices=4,upcycle_from=runs/dense_tiny \
+      --workdir=runs/moe_fine
 
 Args: a size from configs/common.py SIZES, then variants:
-  experts=8   k=2   router=topk_softmax|topk_sigmoid|batch_prioritized|expert_choice|
+  experts=8       E of every MoE layer; or one count per MoE layer (PR-MoE pyramid): an
+                  explicit list `experts=4,8` or runs `experts=32x10,64x2` (32 experts in
+                  the first 10 MoE layers, then 64 in the last 2)
+  k=2   router=topk_softmax|topk_sigmoid|batch_prioritized|expert_choice|
   expert_choice_sigmoid   dispatch=dropless|capacity (default: dropless for token choice)
-  every=2 (a MoE FFN every N layers)
+  every=2         a MoE FFN every N layers
+  residual=0|1    PR-MoE residual form: a dense MLP beside the MoE, mixed by a learned softmax
+  slices=0        fine-grained experts: g slices of the dense FFN width (model.mlp_dim / g
+                  each), experts E/g clones of each; default k = g, weights renormalised
+  upcycle_from=DIR  start from DIR's latest checkpoint (a dense run; needs slices >= 1):
+                  its FFNs cut into the experts, zero routers, fresh schedule, its data position
   data=shapes     the embedded dataset: shapes (mm_shapes) | scenes | scenes/g3_k128 (mm_scenes)
 e.g. `configs/moe.py:tiny,router=expert_choice,dispatch=capacity`.
 """
@@ -20,30 +36,69 @@ import ml_collections
 
 from configs import common
 
-VARIANTS = {'experts': '8', 'k': '2', 'router': 'topk_softmax',
+VARIANTS = {**common.MODEL_VARIANTS, 'experts': '8', 'k': '',  # '' = 2, or g under slices=g
+            'router': 'topk_softmax',
             'dispatch': '',  # '' = dropless for token choice, capacity for expert choice
-            'every': '2'}
+            'every': '2', 'residual': '0', 'slices': '0', 'upcycle_from': ''}
+PER_LAYER_KEY = 'config.model.moe.num_experts_per_layer'
+
+
+def parse_expert_counts(text: str, key: str = PER_LAYER_KEY) -> tuple[int, ...]:
+  """'32x10,64x2' -> (32,) * 10 + (64,) * 2; '4,8' -> (4, 8): one E per MoE layer, in layer
+  order. Items are N (one layer) or NxC (N experts in C consecutive MoE layers), N and C
+  positive integers. ValueError naming `key` otherwise."""
+  counts = []
+  for item in str(text).split(','):
+    n, x, c = item.strip().partition('x')
+    try:
+      n, c = int(n), (int(c) if x else 1)
+    except ValueError:
+      n = c = 0
+    if n <= 0 or c <= 0:
+      raise ValueError(f'{key}={text!r}: each item must be N or NxC with positive integers '
+                       f'(e.g. 4,8 or 32x10,64x2), got {item.strip()!r}')
+    counts += [n] * c
+  return tuple(counts)
 
 
 def get_config(arg: str = 'tiny'):
-  size, v = common.parse_arg(arg, allowed=VARIANTS)
-  c = common.base_config(size, v['data'])
+  size, v = common.parse_arg(arg, allowed=VARIANTS, list_keys=('experts',))
+  c = common.base_config(size, v['data'], attn_gate=v['attn_gate'])
   c.model.family = 'moe'
   expert_choice = v['router'].startswith('expert_choice')
+  slices = common.parse_int(v, 'slices')
+  if slices and c.model.mlp_dim % slices:
+    raise ValueError(f'config arg slices={slices} does not divide the dense FFN width '
+                     f'model.mlp_dim={c.model.mlp_dim}')
+  experts, per_layer = v['experts'], ''
+  if not experts.strip().isdigit():  # a pyramid: one count per MoE layer
+    per_layer = experts
+    experts = str(parse_expert_counts(experts, key='config arg experts')[0])
+  if not v['k']:
+    v['k'] = str(slices or 2)
   c.model.moe = ml_collections.ConfigDict(dict(
-      num_experts=common.parse_int(v, 'experts', minimum=1),  # E
+      num_experts=common.parse_int({'experts': experts}, 'experts', minimum=1),  # E
+      # PR-MoE pyramid: one E per MoE layer ('4,8' or '32x10,64x2'); '' = num_experts in all
+      num_experts_per_layer=per_layer,
       k=common.parse_int(v, 'k', minimum=1),  # experts per token (token-choice routers)
       router=v['router'],  # a key of moe/routing.py ROUTERS
-      renormalize=False,  # token choice: top-k weights rescaled to sum to 1
+      # token choice: top-k weights rescaled to sum to 1 (fine-grained experts need it)
+      renormalize=bool(slices),
       dispatch=v['dispatch'] or ('capacity' if expert_choice else 'dropless'),
       capacity_factor=1.0 if expert_choice else 1.25,  # c (capacity dispatch only)
-      mlp_dim=c.model.mlp_dim,  # F of each expert (the dense FFN's width)
+      # F of each expert: the dense FFN's width, or model.mlp_dim / slices
+      mlp_dim=c.model.mlp_dim // (slices or 1),
       every=common.parse_int(v, 'every', minimum=1),  # layer i is MoE iff i % every == every - 1
       group_size=0,  # tokens per routing group; 0 = one sequence
       load_balance_coef=0.0 if expert_choice else 0.01,  # Switch loss (alpha)
       z_loss_coef=1e-3,  # router z-loss (beta)
       jitter=0.0,  # multiplicative router-input noise during training
       num_shared_experts=0,  # always-on experts added to the routed output
-      residual=False,  # PR-MoE: learned 2-way mix of the MoE and a dense MLP
+      residual=common.parse_bool(v, 'residual'),  # PR-MoE: learned 2-way mix of MoE and MLP
+      # fine-grained experts: g > 0 = expert e is a clone of slice e % g of a dense FFN of
+      # width model.mlp_dim (mlp_dim = model.mlp_dim / g); the routed output is scaled by g
+      # and clone co-firing is logged (layer_i/clone_cofire); 0 = plain experts
+      slices=slices,
   ))
+  c.upcycle_from = v['upcycle_from']  # '' or the workdir of a dense run (needs slices >= 1)
   return c

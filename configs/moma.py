@@ -19,6 +19,7 @@ Args: a size from configs/common.py SIZES, then variants:
   upcycle_from=DIR  start from DIR's latest checkpoint (a dense or 1t1i run): each
                   modality's FFN copied into its experts, fresh schedule, DIR's data position
   data=shapes     the embedded dataset: shapes (mm_shapes) | scenes | scenes/g3_k128 (mm_scenes)
+  attn_gate=none  gated attention (docs/gates.md): none | headwise | elementwise
 e.g. `configs/moma.py:tiny,groups=1t1i`, `configs/moma.py:tiny,groups=4t4i,mod=1`.
 """
 
@@ -27,7 +28,7 @@ import ml_collections
 from configs import common
 
 VARIANTS = {'groups': '4t4i', 'mod': '0', 'router': 'expert_choice', 'shared': '0',
-            'norm': 'res_post', 'stage': 'main', 'upcycle_from': ''}
+            'norm': 'res_post', 'stage': 'main', 'upcycle_from': '', **common.MODEL_VARIANTS}
 
 # The auxiliary-router stage (paper: lr 1e-4 -> 1e-6 linear, 1-2k warmup, 5-10k steps at
 # 1.4B; tiny models take a larger rate and fewer steps).
@@ -39,7 +40,7 @@ AUX_STAGE = {'tiny': dict(total_steps=150, learning_rate=3e-3, warmup_steps=10),
 
 def get_config(arg: str = 'tiny'):
   size, v = common.parse_arg(arg, allowed=VARIANTS)
-  c = common.base_config(size, v['data'])
+  c = common.base_config(size, v['data'], attn_gate=v['attn_gate'])
   c.model.family = 'moma'
   c.model.moma = ml_collections.ConfigDict(dict(
       groups=v['groups'],  # experts per modality

@@ -14,6 +14,7 @@ Args: a size from configs/common.py SIZES, then variants:
   moe=             a modality whose FFN is a MoE from moe/ (e.g. `moe=text`: the paper's
                   MoT + text MoE-4x: 4 experts, top-1 token choice, dropless)
   data=shapes     the embedded dataset: shapes (mm_shapes) | scenes | scenes/g3_k128 (mm_scenes)
+  attn_gate=none  gated attention (W_g untied with W_Q): none | headwise | elementwise
 e.g. `configs/mot.py:tiny,untie=ffn,attn`, `configs/mot.py:tiny,moe=text`.
 """
 
@@ -21,12 +22,13 @@ import ml_collections
 
 from configs import common
 
-VARIANTS = {'untie': 'all', 'qk_norm': '0', 'norm': 'res_post', 'moe': ''}
+VARIANTS = {'untie': 'all', 'qk_norm': '0', 'norm': 'res_post', 'moe': '',
+            **common.MODEL_VARIANTS}
 
 
 def get_config(arg: str = 'tiny'):
   size, v = common.parse_arg(arg, allowed=VARIANTS, list_keys=('untie',))
-  c = common.base_config(size, v['data'])
+  c = common.base_config(size, v['data'], attn_gate=v['attn_gate'])
   c.model.family = 'mot'
   untie = {'all': 'ffn,attn,norm', 'none': ''}.get(v['untie'], v['untie'])
   c.model.mot = ml_collections.ConfigDict(dict(

@@ -1,5 +1,5 @@
-"""Building blocks of the decoder: parameters with logical axes, RMSNorm, RoPE, attention,
-SwiGLU, embeddings.
+"""Building blocks of the decoder: parameters with logical axes, RMSNorm, RoPE, attention
+(optionally gated), SwiGLU, embeddings.
 
 Shape letters (used in docstrings and einsum strings across models/ and moe/):
   B batch, T sequence, D model width, F FFN hidden width, H query heads, G key/value heads,
@@ -60,6 +60,56 @@ def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float):
                                        jnp.cos(angles)[:, :, None, :]))
 
 
+# ---------------------------------------------------------------------------
+# Gated attention (arXiv 2505.06708, docs/gates.md): Y' = SDPA(Q, K, V) * sigmoid(X W_g),
+# X the normalised layer input that feeds Q/K/V (each query token's own), before W_O.
+
+ATTN_GATES = ('none', 'headwise', 'elementwise')  # config.model.attn_gate
+
+
+def gate_shape(gate: str, num_heads: int, head_dim: int
+               ) -> tuple[tuple[int, ...], tuple[str, ...]]:
+  """The shape and logical axes of W_g after its 'embed' axis: headwise [H] (one scalar per
+  head), elementwise [H, K]; () for 'none' (no W_g)."""
+  if gate not in ATTN_GATES:
+    raise ValueError(f'attention gate {gate!r} is not one of {ATTN_GATES}')
+  return {'none': ((), ()), 'headwise': ((num_heads,), ('heads',)),
+          'elementwise': ((num_heads, head_dim), ('heads', 'head_dim'))}[gate]
+
+
+def gate_params(gate: str, embed_dim: int, num_heads: int, head_dim: int) -> int:
+  """Entries of W_g: D H (headwise), D H K (elementwise), 0 (none)."""
+  shape, _ = gate_shape(gate, num_heads, head_dim)
+  n = embed_dim
+  for s in shape:
+    n *= s
+  return n if shape else 0
+
+
+def apply_gate(o_BTHK: jax.Array, gate_logits: jax.Array) -> jax.Array:
+  """o * sigmoid(gate) in float32: `gate_logits` [B, T, H, 1] (headwise) or [B, T, H, K]."""
+  g = jax.nn.sigmoid(gate_logits.astype(jnp.float32))
+  return (o_BTHK.astype(jnp.float32) * g).astype(o_BTHK.dtype)
+
+
+def sink_share(q_BTHK: jax.Array, k_BSGK: jax.Array, mask_BTS: jax.Array | None = None
+               ) -> jax.Array:
+  """Attention probability on key 0, averaged over the heads: float32 [B, T]. The same
+  scores as `jax.nn.dot_product_attention` (q k / sqrt(K), causal, `mask_BTS` further
+  restricting the keys; grouped-query heads), computed explicitly: eval only (the decoder's
+  `attention_stats`)."""
+  B, T, H, K = q_BTHK.shape
+  S, G = k_BSGK.shape[1], k_BSGK.shape[2]
+  q = q_BTHK.astype(jnp.float32).reshape(B, T, G, H // G, K)
+  s = jnp.einsum('BTGRK,BSGK->BGRTS', q, k_BSGK.astype(jnp.float32)) * K ** -0.5
+  allowed = (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None])[None]  # [1, T, S]
+  if mask_BTS is not None:
+    allowed = allowed & mask_BTS
+  s = jnp.where(allowed[:, None, None], s, -jnp.inf)
+  p0 = jnp.exp(s[..., 0] - jax.nn.logsumexp(s, axis=-1))  # [B, G, R, T]
+  return p0.mean(axis=(1, 2))
+
+
 def apply_rope(x_BTHK: jax.Array, sin_cos) -> jax.Array:
   """Rotary position embedding (rotate-half form) on the last axis of [B, T, H, K]."""
   sin, cos = sin_cos
@@ -69,18 +119,24 @@ def apply_rope(x_BTHK: jax.Array, sin_cos) -> jax.Array:
 
 
 class Attention(nnx.Module):
-  """Causal multi-head attention (grouped-query when num_kv_heads < num_heads) with RoPE.
+  """Causal multi-head attention (grouped-query when num_kv_heads < num_heads) with RoPE,
+  optionally gated (`gate`: ATTN_GATES; W_g is created only when gated, so an ungated
+  layer's parameters are those of before the gate existed).
 
   The score/softmax/value product is `jax.nn.dot_product_attention`, so XLA, cuDNN flash
   attention on GPUs (`implementation='cudnn'`) or another backend kernel can be chosen.
   """
 
   def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int, head_dim: int,
-               implementation: str | None, dtype, param_dtype, rngs: nnx.Rngs):
+               implementation: str | None, dtype, param_dtype, rngs: nnx.Rngs,
+               gate: str = 'none'):
     self.num_heads = num_heads  # H
     self.num_kv_heads = num_kv_heads  # G, divides H
     self.implementation = implementation  # None/'xla'/'cudnn' for dot_product_attention
     self.dtype = dtype  # compute dtype
+    # eval only (set by Decoder(attention_stats=True)): sow each query's sink share
+    self.attention_stats = False
+    g_shape, g_axes = gate_shape(gate, num_heads, head_dim)
     init = fan_in_init(embed_dim)
     self.wq = param(rngs, init, (embed_dim, num_heads, head_dim),
                     ('embed', 'heads', 'head_dim'), param_dtype)
@@ -90,22 +146,30 @@ class Attention(nnx.Module):
                     ('embed', 'kv_heads', 'head_dim'), param_dtype)
     self.wo = param(rngs, fan_in_init(num_heads * head_dim), (num_heads, head_dim, embed_dim),
                     ('heads', 'head_dim', 'embed'), param_dtype)
+    # W_g [D, H] or [D, H, K] (gated only: after W_O, so the other weights draw as before)
+    self.wg = (param(rngs, init, (embed_dim,) + g_shape, ('embed',) + g_axes, param_dtype)
+               if g_shape else None)
 
   def _qkv(self, x_BTD, rope_sin_cos):
+    """-> q, k, v and the gate's logits ([B, T, H, 1 or K]; None when ungated)."""
     B, T, D = x_BTD.shape
     x = x_BTD.astype(self.dtype).reshape(B * T, D)  # 2-D matmuls: see SwiGLU
-    def project(w):  # [D, heads, K] -> [B, T, heads, K]
+    def project(w):  # [D, heads, K] -> [B, T, heads, K]; W_g [D, H] -> [B, T, H, 1]
       w = w[...].astype(self.dtype)
-      return (x @ w.reshape(D, -1)).reshape(B, T, w.shape[1], w.shape[2])
+      return (x @ w.reshape(D, -1)).reshape(B, T, w.shape[1], -1)
     q = constrain(apply_rope(project(self.wq), rope_sin_cos),
                   ('batch', 'length', 'act_heads', None))
     k = constrain(apply_rope(project(self.wk), rope_sin_cos),
                   ('batch', 'length', 'act_kv_heads', None))
     v = constrain(project(self.wv), ('batch', 'length', 'act_kv_heads', None))
-    return q, k, v
+    g = (None if self.wg is None else
+         constrain(project(self.wg), ('batch', 'length', 'act_heads', None)))
+    return q, k, v, g
 
-  def _out(self, o_BTHK):
+  def _out(self, o_BTHK, gate_BTHK=None):
     B, T = o_BTHK.shape[:2]
+    if gate_BTHK is not None:
+      o_BTHK = apply_gate(o_BTHK, gate_BTHK)
     o = constrain(o_BTHK, ('batch', 'length', 'act_heads', None))
     wo = self.wo[...].astype(self.dtype)
     out = o.reshape(B * T, -1) @ wo.reshape(-1, wo.shape[-1])
@@ -115,11 +179,13 @@ class Attention(nnx.Module):
                ) -> jax.Array:
     """`rope_sin_cos` from `rope_tables` (shared by all layers). `mask_BTT` (bool, query x
     key) further restricts the causal mask; every query must keep at least one key."""
-    q, k, v = self._qkv(x_BTD, rope_sin_cos)
+    q, k, v, g = self._qkv(x_BTD, rope_sin_cos)
     mask = None if mask_BTT is None else mask_BTT[:, None]
     o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
                                      implementation=self.implementation)
-    return self._out(o)
+    if self.attention_stats:  # static: the training step never computes this
+      self.sow(nnx.Intermediate, 'sink', sink_share(q, k, mask_BTT), capture_noop=True)
+    return self._out(o, g)
 
   def init_cache(self, batch: int, max_len: int) -> dict:
     return init_kv_cache(batch, max_len, self.num_kv_heads, self.wk.shape[-1], self.dtype)
@@ -128,9 +194,9 @@ class Attention(nnx.Module):
              key_mask_BL: jax.Array | None = None):
     """Attention of S new tokens at positions index[b] + s over the cache and themselves
     (`attend_cached`) -> (out [B, S, D], the cache with their keys and values)."""
-    q, k, v = self._qkv(x_BSD, rope_sin_cos)
+    q, k, v, g = self._qkv(x_BSD, rope_sin_cos)
     o, cache = attend_cached(q, k, v, cache, index_B, key_mask_BL, self.implementation)
-    return self._out(o), cache
+    return self._out(o, g), cache
 
 
 # ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ class Block(nnx.Module):
     self.attn = layers.Attention(
         embed_dim=spec.embed_dim, num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
         head_dim=spec.head_dim, implementation=spec.attention_impl, dtype=dtype,
-        param_dtype=pdtype, rngs=rngs)
+        param_dtype=pdtype, rngs=rngs, gate=spec.attn_gate)
     self.ffn_norm = layers.RMSNorm(spec.embed_dim, param_dtype=pdtype, rngs=rngs)
     self.use_moe = ffn is not None  # the FFN routes tokens and reports metrics
     self.ffn = ffn if ffn is not None else layers.SwiGLU(

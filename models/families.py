@@ -5,13 +5,15 @@ blocks, its parameter counts, checks, and what it offers beyond a plain decoder 
 evaluators, a stream layout). Shared code looks a family up here and never compares names.
 """
 
-from models import dense, moe_ffn, moma, mot
+from models import dense, mamba, moe_ffn, moiie, moma, mot
 from models.family import Family
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     dense.FAMILY,
+    mamba.FAMILY,
     moe_ffn.FAMILY,
     moma.FAMILY,
+    moiie.FAMILY,
     mot.FAMILY,
 )}
 

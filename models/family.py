@@ -16,11 +16,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from core import layers
+
 
 def attention_and_norm_params(spec) -> int:
-  """Q, K, V, O and the two sub-layer norms of one block (every family's attention)."""
+  """Q, K, V, O, the attention gate W_g (`attn_gate`: D H or D H K) and the two sub-layer
+  norms of one block (every family's attention)."""
   d, h, g, k = spec.embed_dim, spec.num_heads, spec.num_kv_heads, spec.head_dim
-  return d * (h + 2 * g) * k + h * k * d + 2 * d
+  return (d * (h + 2 * g) * k + h * k * d + layers.gate_params(spec.attn_gate, d, h, k)
+          + 2 * d)
 
 
 def _full_attention(spec, layer: int, seq_len: int) -> float:
@@ -77,5 +81,12 @@ class Family:
   # spec -> why this model cannot decode token by token (its routing sees the future and
   # it has no causal routing), or None
   decode_unsupported: Callable[[Any], str | None] = _decodes
+  # (spec, layer) -> what the layer is, for the run log's per-layer table (training/flops.py
+  # `layer_table`), e.g. 'moe E=32 k=2 F=512'; '' = nothing to add
+  layer_summary: Callable[[Any, int], str] = lambda spec, layer: ''
+  # What upcycles a dense run into this family (`upcycle_from`): an object with
+  # models/upcycle.py's functions (check_compatible, start_warnings, upcycle, source_kind,
+  # describe_target); None = models/upcycle.py itself (MoMa and MoE targets)
+  upcycler: Any = None
   stages: tuple[str, ...] = ('main',)  # training/stages.py STAGES this family supports
   evaluators: tuple[str, ...] = ('lm', 'generation')  # training/evaluate.py EVALUATORS

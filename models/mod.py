@@ -66,6 +66,8 @@ class MoD(nnx.Module):
     self.router = partitioning.param(rngs, nnx.initializers.normal(embed_dim ** -0.5),
                                (embed_dim, 1), ('embed', None), param_dtype)
     self.aux_router = aux_router
+    # eval only (Decoder(attention_stats=True)): sow which tokens the layer's attention saw
+    self.attention_stats = False
 
   def __call__(self, layer_fn, x_BTD, sin_cos, modality_BT, *, causal=False,
                train_aux=False):
@@ -78,6 +80,8 @@ class MoD(nnx.Module):
       routing, metrics = depth.causal_route(
           logits, self.aux_router(jax.lax.stop_gradient(x_BTD))[..., 0])
       chosen = routing.valid
+      if self.attention_stats:
+        self.sow(nnx.Intermediate, 'query_mask', chosen, capture_noop=True)
       mask = chosen[:, None, :] | jnp.eye(T, dtype=bool)[None]
       y, aux = layer_fn(x_BTD, sin_cos, modality_BT, chosen, mask)
       scale = routing.weight[..., None] if self.spec.scale else 1.0
@@ -86,6 +90,8 @@ class MoD(nnx.Module):
       return out.astype(x_BTD.dtype), aux
     routing, metrics = depth.route(logits, self.spec.num_selected(T))
     idx = routing.token
+    if self.attention_stats:  # the positions of the attention's queries, in order
+      self.sow(nnx.Intermediate, 'query_index', idx, capture_noop=True)
     take = lambda a: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)),
                                          axis=1)
     x_sel = take(x_BTD)

@@ -212,7 +212,7 @@ class MoMaBlock(nnx.Module):
     self.attn = layers.Attention(
         embed_dim=D, num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
         head_dim=spec.head_dim, implementation=spec.attention_impl, dtype=dtype,
-        param_dtype=pdtype, rngs=rngs)
+        param_dtype=pdtype, rngs=rngs, gate=spec.attn_gate)
     self.ffn_norm = layers.RMSNorm(D, param_dtype=pdtype, rngs=rngs)
     self.ffn = MoMaFFN(spec.moma, embed_dim=D, num_modalities=num_modalities, dtype=dtype,
                        param_dtype=pdtype, rngs=rngs)

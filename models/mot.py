@@ -27,8 +27,10 @@ still a copy). Tied parts with a MoE are plain matmuls under jit's automatic sha
 in core/layers.py. The 'modality' axis of the weights is replicated (every device holds
 tokens of every modality).
 
-`untie` picks the untied parts (the paper's ablation): 'ffn', 'attn' (Q, K, V, O and the
-optional QK-norm scales), 'norm' (the sub-layer norms); tied parts are ordinary weights.
+`untie` picks the untied parts (the paper's ablation): 'ffn', 'attn' (Q, K, V, O, the
+optional QK-norm scales and the attention gate W_g), 'norm' (the sub-layer norms); tied parts
+are ordinary weights. The gate (`model.attn_gate`, docs/gates.md) is one more column block
+of the grouped Q/K/V matmul: each token's gate logits come from its own modality's W_g.
 MoT + MoE: `moe_modality`'s FFN is a routed `moe.layer.MoELayer` (the paper's best text
 result: MoT with a text MoE-4x); its tokens are the only valid tokens of that layer's
 routing, and they sort last so the untied FFN skips them.
@@ -141,6 +143,7 @@ def _psum_tensor(y, collectives):
 W_Q = ('modality', 'embed', 'heads', 'head_dim')
 W_KV = ('modality', 'embed', 'kv_heads', 'head_dim')
 W_O = ('modality', 'heads', 'head_dim', 'embed')
+HEADS = ('batch', 'length', 'act_heads', None)  # q, o and the gate logits [B, T, H, 1|K]
 W_IN = ('modality', 'embed', 'mlp')
 W_OUT = ('modality', 'mlp', 'embed')
 X = ('batch', 'length', 'act_embed')
@@ -183,6 +186,14 @@ class MoTBlock(nnx.Module):
     self.w_gate = _weight(rngs, D, (D, F), W_IN[1:], uf, pdtype)
     self.w_up = _weight(rngs, D, (D, F), W_IN[1:], uf, pdtype)
     self.w_down = _weight(rngs, F, (F, D), W_OUT[1:], uf, pdtype)
+    # The attention gate W_g [(M,) D, H(, K)], untied with W_Q (created last: an ungated
+    # block's parameters and their initial values are those of before the gate existed).
+    g_shape, g_axes = layers.gate_shape(s.attn_gate, H, K)
+    self.wg = (_weight(rngs, D, (D,) + g_shape, ('embed',) + g_axes, ua, pdtype)
+               if g_shape else None)
+    self.w_g_names = ('modality', 'embed') + g_axes  # logical axes of the untied W_g
+    # eval only (Decoder(attention_stats=True)): sow each query's sink share
+    self.attention_stats = False
 
   def _w(self, w):
     return w[...].astype(self.dtype)
@@ -193,25 +204,28 @@ class MoTBlock(nnx.Module):
     B, T, D = x_BTD.shape
     x = x_BTD.astype(self.dtype)
     wq, wk, wv, wo = (self._w(w) for w in (self.wq, self.wk, self.wv, self.wo))
+    ws = (wq, wk, wv) + (() if self.wg is None else (self._w(self.wg),))
     impl, groups = self.spec.grouped_impl, tuple(range(self.spec.num_modalities))
+    g = None
     if wq.ndim == 3:  # tied: plain matmuls (automatic sharding)
       proj = lambda w: (x.reshape(B * T, D) @ w.reshape(D, -1)).reshape(B, T, w.shape[1], -1)
-      q, k, v = proj(wq), proj(wk), proj(wv)
+      q, k, v, *g = (proj(w) for w in ws)
+      g = constrain(g[0], HEADS) if g else None
     else:
-      def qkv_local(x, mod, wq, wk, wv, collectives):
-        wq, wk, wv = (_gather_fsdp(w, 1, collectives) for w in (wq, wk, wv))
-        hq, hk = wq.shape[2], wk.shape[2]
-        w = jnp.concatenate([a.reshape(*a.shape[:2], -1) for a in (wq, wk, wv)], axis=2)
-        y = grouped.grouped_matmul_rows(x.reshape(-1, x.shape[-1]), w,
+      def qkv_local(x, mod, *ws, collectives):
+        y = grouped.grouped_matmul_rows(x.reshape(-1, x.shape[-1]),
+                                        self._qkv_weight(ws, collectives),
                                         row_groups(mod, groups), impl=impl, block=BLOCK)
-        y = y.reshape(*mod.shape, hq + 2 * hk, -1)
-        return y[..., :hq, :], y[..., hq:hq + hk, :], y[..., hq + hk:, :]
-      heads = ('batch', 'length', 'act_heads', None)
+        return self._split_qkv(y, mod.shape, ws)
       kv = ('batch', 'length', 'act_kv_heads', None)
-      q, k, v = _per_shard(qkv_local, (X, MOD, W_Q, W_KV, W_KV), (heads, kv, kv))(
-          x, modality, wq, wk, wv)
+      names = (W_Q, W_KV, W_KV) + (() if self.wg is None else (self.w_g_names,))
+      q, k, v, *g = _per_shard(qkv_local, (X, MOD) + names, (HEADS, kv, kv) + (HEADS,) * (
+          len(ws) - 3))(x, modality, *ws)
+      g = g[0] if g else None
     o = (attend or (lambda q, k, v: self._global_attention(q, k, v, sin_cos, modality)))(
         q, k, v)
+    if g is not None:
+      o = layers.apply_gate(o, g)
     if wo.ndim == 3:
       out = (o.reshape(B * T, -1) @ wo.reshape(-1, D)).reshape(B, T, D)
     else:
@@ -225,6 +239,25 @@ class MoTBlock(nnx.Module):
           o, modality, wo)
     return constrain(out, X)
 
+  @staticmethod
+  def _qkv_weight(ws, collectives):
+    """[M, D, N] of one grouped matmul for Q, K, V (and W_g): each gathered over 'fsdp'
+    and flattened after the embed axis, side by side."""
+    ws = [_gather_fsdp(w, 1, collectives) for w in ws]
+    return jnp.concatenate([a.reshape(*a.shape[:2], -1) for a in ws], axis=2)
+
+  @staticmethod
+  def _split_qkv(y, lead, ws):
+    """The grouped matmul's [rows, N] -> q [*lead, Hq, K], k, v [*lead, Hk, K] (and the
+    gate logits [*lead, Hq, 1 or K]); `ws` the local weights (shapes only)."""
+    hq, hk, K = ws[0].shape[2], ws[1].shape[2], ws[0].shape[3]
+    n = (hq + 2 * hk) * K
+    qkv = y[:, :n].reshape(*lead, hq + 2 * hk, K)
+    out = [qkv[..., :hq, :], qkv[..., hq:hq + hk, :], qkv[..., hq + hk:, :]]
+    if len(ws) > 3:
+      out.append(y[:, n:].reshape(*lead, hq, -1))
+    return tuple(out)
+
   def _rope_qk(self, q, k, v, sin_cos, modality):
     """(QK-norm,) RoPE."""
     if self.q_norm is not None:
@@ -237,7 +270,9 @@ class MoTBlock(nnx.Module):
     """(QK-norm,) RoPE and the global causal attention over the original order."""
     q, k, v = self._rope_qk(q, k, v, sin_cos, modality)
     o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attn_impl)
-    return constrain(o, ('batch', 'length', 'act_heads', None))
+    if self.attention_stats:  # static: the training step never computes this
+      self.sow(nnx.Intermediate, 'sink', layers.sink_share(q, k), capture_noop=True)
+    return constrain(o, HEADS)
 
   def _ffn(self, x_BTD, modality, rng, decoding=False):
     aux = {}
@@ -299,6 +334,8 @@ class MoTBlock(nnx.Module):
     eps_a, eps_f = self.attn_norm.eps, self.ffn_norm.eps
     untied = lambda w, n: w if w.ndim == n + 1 else w[None]  # tied: one group
     wq, wk, wv, wo = (untied(self._w(w), 3) for w in (self.wq, self.wk, self.wv, self.wo))
+    ws = (wq, wk, wv) + (() if self.wg is None else (
+        untied(self._w(self.wg), len(self.w_g_names) - 1),))
     wg, wu, wd = (untied(self._w(w), 2) for w in (self.w_gate, self.w_up, self.w_down))
     sa, sf = (untied(n.scale[...], 1) for n in (self.attn_norm, self.ffn_norm))
 
@@ -312,23 +349,23 @@ class MoTBlock(nnx.Module):
         y = (y.reshape(P // lay.block, lay.block, D) * s[lay.block_expert][:, None]).reshape(P, D)
       return y.astype(x_PD.dtype)
 
-    def qkv_local(xs, mod, sa, wq, wk, wv, collectives):
-      wq, wk, wv = (_gather_fsdp(w, 1, collectives) for w in (wq, wk, wv))
+    def qkv_local(xs, mod, sa, *ws, collectives):
       lay = self._layout_of(mod)
       if pre:
         xs = norm(xs, sa, eps_a, lay)
-      hq, hk = wq.shape[2], wk.shape[2]
-      w = jnp.concatenate([a.reshape(*a.shape[:2], -1) for a in (wq, wk, wv)], axis=2)
-      y = rows.layout_matmul(xs.astype(dt), w, lay)
-      y = rows.from_layout(y, lay).reshape(*mod.shape, hq + 2 * hk, -1)
-      return y[..., :hq, :], y[..., hq:hq + hk, :], y[..., hq + hk:, :]
+      y = rows.layout_matmul(xs.astype(dt), self._qkv_weight(ws, collectives), lay)
+      return self._split_qkv(rows.from_layout(y, lay), mod.shape, ws)
 
-    heads = ('batch', 'length', 'act_heads', None)
+    heads = HEADS
     kv = ('batch', 'length', 'act_kv_heads', None)
     s_names = ('modality', 'norm')
-    q, k, v = _per_shard(qkv_local, (STREAM, MOD, s_names, W_Q, W_KV, W_KV),
-                         (heads, kv, kv))(xs, modality, sa, wq, wk, wv)
+    names = (W_Q, W_KV, W_KV) + (() if self.wg is None else (self.w_g_names,))
+    q, k, v, *g = _per_shard(qkv_local, (STREAM, MOD, s_names) + names,
+                             (heads, kv, kv) + (heads,) * (len(ws) - 3))(
+                                 xs, modality, sa, *ws)
     o = self._global_attention(q, k, v, sin_cos, modality)
+    if g:
+      o = layers.apply_gate(o, g[0])
 
     def out_local(o, xs, mod, sa, sf, wo, wg, wu, wd, collectives):
       wo = _gather_fsdp(wo, 3, collectives)
@@ -413,7 +450,8 @@ def _layer_params(spec, layer: int, active: bool) -> float:
   M = m.num_modalities
   h, g, k = spec.num_heads, spec.num_kv_heads, spec.head_dim
   copies = lambda part: 1 if active or part not in m.untie else M  # noqa: E731
-  attn = (d * (h + 2 * g) * k + h * k * d + (2 * k if m.qk_norm else 0)) * copies('attn')
+  gate = layers.gate_params(spec.attn_gate, d, h, k)
+  attn = (d * (h + 2 * g) * k + h * k * d + gate + (2 * k if m.qk_norm else 0)) * copies('attn')
   norms = 2 * d * copies('norm')
   ffn = 3 * d * spec.mlp_dim
   if m.moe is None:

@@ -4,7 +4,9 @@
 
 The blocks are the family's (`spec.family`, looked up in models/families.py: dense, moe,
 moma, mot): the decoder never asks which family it runs. `Decoder.__call__` returns
-`(logits, aux)` where `aux` holds the auxiliary losses and metrics of every layer.
+`(logits, aux)` where `aux` holds the auxiliary losses and metrics of every layer, and with
+`attention_stats=True` (eval only) the attention sink and the residual stream's peak
+(`ATTENTION_STATS`, docs/gates.md).
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ from models import families, mod as mod_lib, moma as moma_lib, mot as mot_lib
 from moe import layer as moe_layer
 
 dtype_of = layers.dtype_of
+
+# aux keys of `Decoder(..., attention_stats=True)` (summed, summed, max over eval batches):
+# sink share = sink_sum / sink_count, the attention probability on the first key averaged
+# over layers, heads and the valid (non-PAD) query positions > 0; max_activation = the
+# largest |x| of the residual stream after any block, over the valid tokens.
+ATTENTION_STATS = ('attention/sink_sum', 'attention/sink_count', 'attention/max_activation')
 
 
 def modality_of(tokens: jax.Array) -> jax.Array:
@@ -43,6 +51,7 @@ class DecoderSpec:
   mlp_dim: int  # F
   rope_theta: float = 10_000.0
   attention_impl: str | None = None  # jax.nn.dot_product_attention implementation
+  attn_gate: str = 'none'  # core/layers.py ATTN_GATES: sigmoid gate on the attention output
   remat: bool = False  # rematerialise each block in the backward pass
   family: str = 'dense'  # a key of models/families.py FAMILIES: whose blocks
   # The families' own settings (set by their `spec_fields`; a new family keeps its in `ext`):
@@ -72,16 +81,39 @@ class Decoder(nnx.Module):
                                 (spec.embed_dim, spec.vocab_size), ('embed', 'vocab'), pdtype)
 
   def __call__(self, batch: dict[str, jax.Array], rng: jax.Array | None = None, *,
-               causal: bool = False):
+               causal: bool = False, attention_stats: bool = False):
     """`rng` (training only) drives stochastic routing (router jitter, Gumbel noise).
     `causal`: route with the auxiliary routers (MoMa), so position t never depends on
-    tokens after t; the default batch routing is the training-time function."""
+    tokens after t; the default batch routing is the training-time function.
+    `attention_stats` (static; eval): also the `ATTENTION_STATS` in aux, from the sink
+    shares the attention layers sow (`attention_stats` attributes: core/layers.Attention,
+    MoT's blocks; a family without them reports only the peak)."""
     tokens, modality = batch['tokens'], batch.get('modality')  # MoMa needs modality
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     sin_cos = layers.rope_tables(positions, self.spec.head_dim, self.spec.rope_theta)
     family = families.get(self.spec.family)
-    x = family.stream_in(self, self.embed(tokens), modality)  # e.g. MoT's rows layout
-    aux = {}
+    x_BTD = self.embed(tokens)
+    x = family.stream_in(self, x_BTD, modality)  # e.g. MoT's rows layout
+    if not attention_stats:
+      x, aux, _ = self._blocks(x, sin_cos, rng, modality, causal)
+    else:
+      valid = tokens != tokenizer.PAD
+      # the valid tokens in the stream's layout (MoT: its rows; padding rows are 0)
+      in_stream = family.stream_in(
+          self, jnp.broadcast_to(valid[..., None], x_BTD.shape).astype(x_BTD.dtype), modality)
+      self.set_attributes(attention_stats=True, raise_if_not_found=False)
+      (x, aux, peak), sown = nnx.capture(Decoder._blocks, nnx.Intermediate)(
+          self, x, sin_cos, rng, modality, causal, in_stream)
+      self.set_attributes(attention_stats=False, raise_if_not_found=False)
+      aux.update(_attention_stats(sown, valid))
+      aux['attention/max_activation'] = peak
+    x = self.final_norm(family.stream_out(self, x, modality))
+    return self._logits(x), aux
+
+  def _blocks(self, x, sin_cos, rng, modality, causal, in_stream=None):
+    """The blocks on the stream -> (x, aux, max |x| over `in_stream` after any block, or
+    None without `in_stream`)."""
+    aux, peak = {}, None
     call = lambda b, x, sc, r, m: b(x, sc, r, modality=m, causal=causal)
     if self.spec.remat:
       call = nnx.remat(call)
@@ -89,8 +121,10 @@ class Decoder(nnx.Module):
       block_rng = None if rng is None else jax.random.fold_in(rng, i)
       x, block_aux = call(block, x, sin_cos, block_rng, modality)
       aux.update({f'layer_{i}/{k}': v for k, v in block_aux.items()})
-    x = self.final_norm(family.stream_out(self, x, modality))
-    return self._logits(x), aux
+      if in_stream is not None:
+        m = jnp.max(jnp.abs(x.astype(jnp.float32)) * in_stream.astype(jnp.float32))
+        peak = m if peak is None else jnp.maximum(peak, m)
+    return x, aux, peak
 
   def init_cache(self, batch: int, max_len: int) -> list:
     """The decoding cache for `batch` rows of up to `max_len` positions: one entry per
@@ -123,6 +157,32 @@ class Decoder(nnx.Module):
     return constrain(logits.astype(jnp.float32), ('batch', 'length', 'act_vocab'))
 
 
+def _attention_stats(sown, valid_BT) -> dict:
+  """Sink sums over the layers' sown sink shares ([B, T_a] per attention call, T_a = T or a
+  mixture-of-depths layer's selected tokens, whose positions it sows as `query_index`),
+  weighted by the valid queries after the first one the attention sees."""
+  by_layer: dict = {}
+  for path, variable in nnx.to_flat_state(sown):
+    if path[0] == 'blocks':
+      by_layer.setdefault(path[1], {})[path[-1]] = variable.get_value()
+  total = count = jnp.zeros((), jnp.float32)
+  found = False
+  first = jnp.arange(valid_BT.shape[1]) > 0
+  for entry in by_layer.values():
+    for sink in entry.get('sink', ()):
+      if 'query_index' in entry:  # [B, k] positions, in order
+        idx = entry['query_index'][0]
+        weight = (jnp.take_along_axis(valid_BT, idx, axis=1)
+                  & (jnp.arange(idx.shape[1]) > 0))
+      else:
+        weight = valid_BT & first
+        if 'query_mask' in entry:  # a causal MoD layer: the tokens it processed
+          weight = weight & entry['query_mask'][0]
+      w = weight.astype(jnp.float32)
+      total, count, found = total + jnp.sum(sink * w), count + jnp.sum(w), True
+  return {'attention/sink_sum': total, 'attention/sink_count': count} if found else {}
+
+
 def spec_from_config(model_cfg, *, param_dtype: str, compute_dtype: str,
                      stage: str = 'main') -> DecoderSpec:
   """config.model -> DecoderSpec; the family (models/families.py) fills in its own fields."""
@@ -132,8 +192,8 @@ def spec_from_config(model_cfg, *, param_dtype: str, compute_dtype: str,
       embed_dim=model_cfg.embed_dim, num_heads=model_cfg.num_heads,
       num_kv_heads=model_cfg.num_kv_heads, head_dim=model_cfg.head_dim,
       mlp_dim=model_cfg.mlp_dim, rope_theta=model_cfg.rope_theta,
-      attention_impl=model_cfg.attention_impl or None, remat=model_cfg.remat,
-      dtype=compute_dtype, param_dtype=param_dtype, family=model_cfg.family,
+      attention_impl=model_cfg.attention_impl or None, attn_gate=model_cfg.attn_gate,
+      remat=model_cfg.remat, dtype=compute_dtype, param_dtype=param_dtype, family=model_cfg.family,
       num_modalities=len(tokenizer.MODALITIES), **fields)
 
 

@@ -1,4 +1,6 @@
-"""Upcycling (MoMa paper, SPEC §2): a MoMa model initialised from a trained dense or `1t1i`.
+"""Upcycling: a MoMa or a MoE model initialised from a trained dense (or MoMa `1t1i`) one.
+
+MoMa targets (MoMa paper, SPEC §2):
 
     source (dense | 1t1i MoMa)            new MoMa (any groups, e.g. 4t4i, + shared pool)
     FFN of modality m          ------->   every expert of modality m's group (a copy)
@@ -14,16 +16,39 @@ average: for a dense source it is exactly the dense FFN, for a `1t1i` source it 
 mean of the two FFNs' outputs, SwiGLU being nonlinear; it is a neutral start that Gumbel
 noise and training pull apart). Weights are cast to the new model's param dtype.
 
-`upcycle(src_spec, src_params, new_spec, new_params)` is pure and jit-able (shapes decide
-everything, no values are read): training/warm_start.py runs it under
-`jax.jit(out_shardings=...)`, with the fresh init inside the same jit, so no parameter is
-ever gathered on one device. `check_compatible` raises a clear ValueError first.
-
 The copied experts of one group are identical at step 0; expert choice with the fresh
 router and Gumbel-sigmoid noise (`model.moma.gumbel`, set by configs/moma.py's
 `upcycle_from=`) breaks the symmetry. With `4t4i` and c = 1/4 the upcycled model is not the
 source's function (each expert takes a quarter of its modality's tokens, gated by the
 sigmoid); a `1t1i` target with norm 'pre' from a dense source is exactly the source model.
+
+MoE targets, fine-grained upcycling (SPEC §6, `model.moe.slices` = g; a dense source):
+
+    dense FFN of layer i, hidden width F   ->  g slices: columns [s F/g, (s+1) F/g) of
+                                               w_gate and w_up, the same rows of w_down
+    slice s                                ->  experts s, s + g, s + 2g, ... (E/g clones each)
+    router                                 ->  zeros
+    PR-MoE residual MLP (model.moe.residual) -> the whole dense FFN; its mix -> zeros
+    dense layers of the MoE model, attention, norms, embed, LM head   copied unchanged
+
+Why the upcycled model is exactly the dense one at step 0 (up to float summation order):
+SwiGLU is a sum over its hidden units, FFN(x) = sum_s FFN_s(x) over the slices. With a
+zero router every logit is exactly 0 (jitter only scales the input), so the top-k of a
+token are the k lowest expert indices (`lax.top_k` breaks ties to the lower index), i.e.
+experts 0..k-1: with k = m g and slice(e) = e % g, every slice exactly m times, whatever
+the token. Renormalised weights are 1/k each, and the layer scales its routed output by g
+(`MoESpec.routed_scale`): g * sum_s m * FFN_s(x) / k = FFN(x). Under the residual form both
+branches compute FFN(x) and the zero mix weighs them 1/2 each. This needs token choice,
+dropless dispatch, renormalize, k a multiple of g and no shared experts
+(models/moe_ffn.py `upcycle_problems`, checked before anything is read). From the first
+update on, the router's gradient makes tokens pick other clones, and clones of one slice
+may fire together (logged as `layer_i/clone_cofire`, moe/layer.py `clone_metrics`). g = 1
+is plain sparse upcycling: every expert a copy of the FFN.
+
+`upcycle(src_spec, src_params, new_spec, new_params)` is pure and jit-able (shapes decide
+everything, no values are read): training/warm_start.py runs it under
+`jax.jit(out_shardings=...)`, with the fresh init inside the same jit, so no parameter is
+ever gathered on one device. `check_compatible` raises a clear ValueError first.
 """
 
 from __future__ import annotations
@@ -32,7 +57,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import moma as moma_lib
+from models import moe_ffn, moma as moma_lib
 
 FFN_WEIGHTS = ('w_gate', 'w_up', 'w_down')  # SwiGLU [D, F], [D, F], [F, D]; experts add E
 COPIED = ('embed', 'final_norm', 'lm_head')  # top-level params copied unchanged
@@ -62,13 +87,24 @@ def source_norm(spec) -> str:
   return 'pre' if spec.moma is None else spec.moma.norm  # dense Block is pre-norm
 
 
+def target_kind(spec) -> str:
+  """'moma' | 'moe'; ValueError for anything else."""
+  if spec.moma is not None:
+    return 'moma'
+  if spec.moe is not None:
+    return 'moe'
+  raise ValueError('upcycling builds a MoMa or a MoE model: set model.family=moma or moe')
+
+
 def check_compatible(src_spec, new_spec) -> None:
   """ValueError naming every mismatch between a source and an upcycled DecoderSpec."""
   kind = source_kind(src_spec)
-  if new_spec.moma is None:
-    raise ValueError('upcycling builds a MoMa model: set model.family=moma')
+  target = target_kind(new_spec)
   problems = [f'model.{k}: source {getattr(src_spec, k)} vs {getattr(new_spec, k)}'
               for k in SHAPE_KEYS if getattr(src_spec, k) != getattr(new_spec, k)]
+  if target == 'moe':
+    _check_moe_target(kind, src_spec, new_spec, problems)
+    return
   width = source_ffn_width(src_spec)
   if width != new_spec.moma.mlp_dim:
     problems.append(f'model.moma.mlp_dim={new_spec.moma.mlp_dim} (each expert) must equal '
@@ -79,6 +115,27 @@ def check_compatible(src_spec, new_spec) -> None:
             'configs/moma.py arg norm=pre)' if kind == 'dense' else '')
     problems.append(f'model.moma.norm={new_spec.moma.norm!r} differs from the source\'s '
                     f'{norm!r}{hint}')
+  if problems:
+    raise ValueError(f'cannot upcycle this {kind} source into the new model: '
+                     + '; '.join(problems))
+
+
+def _check_moe_target(kind: str, src_spec, new_spec, problems: list[str]) -> None:
+  if kind != 'dense':
+    raise ValueError(f'fine-grained upcycling into a MoE model needs a dense source, got a '
+                     f'{kind} one')
+  width, g = src_spec.mlp_dim, new_spec.moe.clone_groups
+  if width != new_spec.mlp_dim:  # the MoE model's dense layers take the FFN as it is
+    problems.append(f'model.mlp_dim: source {width} vs {new_spec.mlp_dim}')
+  if g >= 1 and new_spec.moe.mlp_dim * g != width:
+    problems.append(f'model.moe.mlp_dim={new_spec.moe.mlp_dim} x model.moe.slices={g} must '
+                    f'equal the source FFN width {width}')
+  problems += moe_ffn.upcycle_problems(new_spec.moe)
+  counts = {moe_ffn.layer_moe(new_spec, i).num_experts for i in range(new_spec.num_layers)
+            if moe_ffn.is_moe_layer(new_spec, i)}
+  if g >= 1 and any(e % g for e in counts):
+    problems.append(f'expert counts {sorted(e for e in counts if e % g)} are not multiples '
+                    f'of model.moe.slices={g} (each slice has E/g clones)')
   if problems:
     raise ValueError(f'cannot upcycle this {kind} source into the new model: '
                      + '; '.join(problems))
@@ -117,9 +174,51 @@ def _experts(src_ffn: dict, new_experts: dict, src_dense: bool, sources, sizes) 
   return out
 
 
+def fine_grained_experts(ffn: dict, g: int, num_experts: int) -> dict:
+  """Stacked [E, ...] expert weights cut from one dense SwiGLU {w_gate, w_up: [D, F],
+  w_down: [F, D]}: expert e = slice e % g (w_gate/w_up columns and w_down rows
+  [s F/g, (s+1) F/g) of slice s)."""
+  D, F = ffn['w_gate'].shape
+  f = F // g
+  cols = lambda w: jnp.transpose(w.reshape(D, g, f), (1, 0, 2))  # [g, D, F/g]
+  sliced = {'w_gate': cols(ffn['w_gate']), 'w_up': cols(ffn['w_up']),
+            'w_down': ffn['w_down'].reshape(g, f, D)}
+  return {k: jnp.tile(w, (num_experts // g, 1, 1)) for k, w in sliced.items()}
+
+
+def _upcycle_moe_pure(src_spec, src: dict, new_spec, new: dict) -> dict:
+  """Fine-grained upcycling of a dense source into a MoE model (the module docstring)."""
+  g = new_spec.moe.clone_groups
+  out = dict(new)
+  for key in COPIED:
+    out[key] = _cast_like(src[key], new[key])
+  out['blocks'] = {}
+  for i in range(new_spec.num_layers):
+    s, n = src['blocks'][i], new['blocks'][i]
+    block = dict(n)
+    for key in COPIED_IN_BLOCK:
+      block[key] = _cast_like(s[key], n[key])
+    if moe_ffn.layer_moe(new_spec, i) is None:
+      block['ffn'] = _cast_like(s['ffn'], n['ffn'])
+    else:
+      ffn = dict(n['ffn'])
+      experts = n['ffn']['experts']
+      ffn['experts'] = _cast_like(
+          fine_grained_experts(s['ffn'], g, experts['w_gate'].shape[0]), experts)
+      ffn['router'] = jnp.zeros_like(n['ffn']['router'])
+      if 'residual_mlp' in n['ffn']:
+        ffn['residual_mlp'] = _cast_like(s['ffn'], n['ffn']['residual_mlp'])
+        ffn['residual_mix'] = jnp.zeros_like(n['ffn']['residual_mix'])
+      block['ffn'] = ffn
+    out['blocks'][i] = block
+  return out
+
+
 def upcycle_pure(src_spec, src: dict, new_spec, new: dict) -> dict:
   """`upcycle` on nested pure dicts (`nnx.to_pure_dict`); returns a new dict."""
   check_compatible(src_spec, new_spec)
+  if target_kind(new_spec) == 'moe':
+    return _upcycle_moe_pure(src_spec, src, new_spec, new)
   src_dense = source_kind(src_spec) == 'dense'
   sources = expert_sources(src_spec, new_spec)
   sizes = [g.experts for g in new_spec.moma.groups]
@@ -140,6 +239,27 @@ def upcycle_pure(src_spec, src: dict, new_spec, new: dict) -> dict:
                                                        n['mod']['router'])}
     out['blocks'][i] = block
   return out
+
+
+def describe_target(spec) -> str:
+  """The upcycled model, for the run log."""
+  if target_kind(spec) == 'moma':
+    return 'MoMa groups ' + ', '.join(f'{g.name}:{g.experts}' for g in spec.moma.groups)
+  counts = sorted({moe_ffn.layer_moe(spec, i).num_experts for i in range(spec.num_layers)
+                   if moe_ffn.is_moe_layer(spec, i)})
+  g = spec.moe.clone_groups
+  return (f'MoE experts {"/".join(map(str, counts))}: the FFN cut into {g} slices of width '
+          f'{spec.moe.mlp_dim}, top-{spec.moe.router.k} routing from zero routers (step 0 '
+          f'computes the source model)')
+
+
+def start_warnings(spec) -> list[str]:
+  """What the run log should warn about in an upcycled model."""
+  if (target_kind(spec) == 'moma' and not spec.moma.gumbel
+      and any(g.routed for g in spec.moma.groups)):
+    return ['upcycling without Gumbel routing noise (model.moma.gumbel=False): the copied '
+            'experts of a group start identical']
+  return []
 
 
 def upcycle(src_spec, src_params, new_spec, new_params):

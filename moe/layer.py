@@ -3,7 +3,7 @@
     x [B, T, D] -> groups [G, S, D] -> logits = x W_r (float32) -> Routing + metrics
       -> dispatch (dropless: sort + ragged_dot | capacity: padded buffers)
       -> experts (on one device, or expert-parallel over the mesh axis 'expert')
-      -> combine -> y [B, T, D]  (+ shared experts) (+ PR-MoE residual mix)
+      -> combine -> y [B, T, D] (x routed_scale)  (+ shared experts) (+ PR-MoE residual mix)
 
 Routing groups are `group_size` consecutive tokens of the flattened batch (0 = one sequence
 per group), a property of the data, so the function is the same on every mesh. Under
@@ -13,7 +13,9 @@ all_to_all path of moe/parallel.py runs, a dropless layer then with capacity = g
 (no token can be dropped). Either way the result equals the single-device one.
 
 Returns `(y, aux)`; aux holds `aux_loss` (already weighted: it is added to the training
-loss), the router metrics and the dispatch stats.
+loss), the router metrics and the dispatch stats; with `clone_groups` g > 0 (experts that are
+clones: fine-grained upcycling, models/upcycle.py) also `clone_cofire` and `slice_coverage`
+(`clone_metrics`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ class MoESpec:
   num_shared_experts: int = 0  # always-on SwiGLU experts added to the routed output
   residual: bool = False  # PR-MoE: y = a0 * MoE(x) + a1 * MLP(x), [a0, a1] = softmax(x W)
   grouped_impl: str = 'auto'  # dropless kernel (moe/grouped.py)
+  routed_scale: float = 1.0  # the routed experts' output times this (DeepSeek's
+  # routed_scaling_factor; g under fine-grained upcycling, where k weights of 1/k add to 1/g)
+  clone_groups: int = 0  # g > 0: expert e is a clone of e % g (fine-grained upcycling's
+  # slices); the layer reports how often a token's experts hold two clones; 0 = off
 
 
 def check_moe_spec(spec: MoESpec, *, seq_len: int, expert_shards: int) -> None:
@@ -58,6 +64,9 @@ def check_moe_spec(spec: MoESpec, *, seq_len: int, expert_shards: int) -> None:
   if spec.num_experts % expert_shards:
     raise ValueError(f'model.moe.num_experts={spec.num_experts} is not divisible by '
                      f'mesh.expert={expert_shards}')
+  if spec.clone_groups < 0 or (spec.clone_groups and spec.num_experts % spec.clone_groups):
+    raise ValueError(f'model.moe.num_experts={spec.num_experts} is not a multiple of '
+                     f'model.moe.slices={spec.clone_groups} (each slice has E/g clones)')
   if spec.group_size < 0 or (spec.group_size and seq_len % spec.group_size
                              and spec.group_size % seq_len):
     raise ValueError(f'model.moe.group_size={spec.group_size} must be 0, divide '
@@ -111,12 +120,16 @@ class MoELayer(nnx.Module):
     if mask is not None:
       valid = route.valid & jnp.take_along_axis(mask, route.token, axis=1)
       route = route.replace(valid=valid, weight=jnp.where(valid, route.weight, 0.0))
+    if self.spec.clone_groups:
+      metrics = {**metrics, **clone_metrics(route, self.spec.clone_groups)}
     if decoding:
       y, stats = run_experts(x, route, self.experts, dropless=True, capacity=T,
                              dtype=self.dtype)
     else:
       y, stats = self._dispatch(x, route)
     y = constrain(y.reshape(B, T, D), ('batch', 'length', 'act_embed'))
+    if self.spec.routed_scale != 1:
+      y = y * jnp.asarray(self.spec.routed_scale, y.dtype)
     if self.shared is not None:
       y = y + self.shared(x_BTD)
     if self.spec.residual:
@@ -131,6 +144,24 @@ class MoELayer(nnx.Module):
     capacity = S if spec.dispatch == 'dropless' else spec.router.capacity(S, spec.num_experts)
     return run_experts(x_GSD, route, self.experts, dropless=spec.dispatch == 'dropless',
                        capacity=capacity, dtype=self.dtype)
+
+
+def clone_metrics(route: routing.Routing, clone_groups: int) -> dict[str, jax.Array]:
+  """How often clones fire together, per token (the top-K diagnostic of arXiv 2309.13850:
+  over-specified experts are averaged only when top-K reaches several clones of one true
+  expert). Expert e is a clone of slice e % g (g = `clone_groups`); over the tokens of
+  every routing group (a token's valid pairs):
+
+    clone_cofire    fraction of tokens with two or more experts of one slice
+    slice_coverage  mean fraction of the g slices a token's experts cover (1 = the whole
+                    dense FFN width, as at an upcycled model's step 0)
+  """
+  g = clone_groups
+  S = route.group_size
+  count_GSg = jax.vmap(lambda t, s, v: jnp.zeros((S, g), jnp.float32).at[t, s].add(v))(
+      route.token, route.expert % g, route.valid.astype(jnp.float32))
+  return {'clone_cofire': jnp.mean(jnp.any(count_GSg >= 2, axis=-1).astype(jnp.float32)),
+          'slice_coverage': jnp.mean(jnp.sum(count_GSg > 0, axis=-1) / g)}
 
 
 def run_experts(x_GSD: jax.Array, route: routing.Routing, experts: Experts, *,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import dense, moe, moma, mot
+from configs import dense, mamba, moe, moiie, moma, mot
 from core import partitioning
 from models import families, generate
 from models import transformer
@@ -24,6 +24,8 @@ CONFIGS = {
     'moma_topk_pre': lambda: moma.get_config('tiny,router=topk,norm=pre,groups=2t3i'),
     'mot_all_qk': lambda: mot.get_config('tiny,qk_norm=1'),
     'mot_pre_moe': lambda: mot.get_config('tiny,norm=pre,moe=text,untie=ffn,attn'),
+    'moiie': lambda: moiie.get_config('tiny,groups=2t3i,shared=1'),
+    'mamba_hybrid_mom': lambda: mamba.get_config('tiny,untie=all,attn_every=2,chunk=8'),
 }
 
 
@@ -47,31 +49,27 @@ def full_logits(model, tokens):
 
 
 def cached_logits(model, tokens, prefill, max_len):
-  """Prefill the first `prefill[b]` tokens of each row (one call), then one token per call;
-  -> logits [B, T] at every position from the cached calls."""
+  """A prefill of the first `prefill` tokens (one call), the next 3 in one call, then one
+  token per call (what a recurrent state allows: no position is decoded twice) -> logits
+  [B, T] of every position from the cached calls."""
   B, T = tokens.shape
   graphdef, params = nnx.split(model)
+  at = lambda t: jnp.full((B,), t, jnp.int32)  # noqa: E731
 
   @jax.jit
-  def run(params, tokens, prefill):
+  def run(params, tokens):
     m = nnx.merge(graphdef, params)
     cache = m.init_cache(B, max_len)
-    first, cache = m.decode(tokens, cache, jnp.zeros((B,), jnp.int32))  # the whole buffer
-    def step(cache, t):  # row b decodes position min(prefill[b] + t, T - 1)
-      pos = jnp.minimum(prefill + t, T - 1)
-      logits, cache = m.decode(jnp.take_along_axis(tokens, pos[:, None], axis=1), cache, pos)
+    first, cache = m.decode(tokens[:, :prefill], cache, at(0))
+    chunk, cache = m.decode(tokens[:, prefill:prefill + 3], cache, at(prefill))
+
+    def step(cache, t):
+      logits, cache = m.decode(jax.lax.dynamic_slice_in_dim(tokens, t, 1, axis=1), cache,
+                               jnp.full((B,), t, jnp.int32))
       return cache, logits[:, 0]
-    # Each row rewinds to its own prefill length: positions >= prefill[b] are decoded again,
-    # one at a time, over what the buffer-wide prefill left in the cache beyond them.
-    _, steps = jax.lax.scan(step, cache, jnp.arange(T))
-    return first, jnp.swapaxes(steps, 0, 1)
-  first, steps = run(params, tokens, prefill)
-  out = np.array(first)
-  steps = np.asarray(steps)
-  for b in range(B):
-    n = T - int(prefill[b])
-    out[b, prefill[b]:] = steps[b, :n]
-  return out
+    _, steps = jax.lax.scan(step, cache, jnp.arange(prefill + 3, T))
+    return jnp.concatenate([first, chunk, jnp.swapaxes(steps, 0, 1)], axis=1)
+  return np.asarray(run(params, tokens))
 
 
 @pytest.mark.parametrize('name', sorted(CONFIGS))
@@ -84,47 +82,48 @@ def test_prefill_and_cached_steps_equal_the_full_causal_pass(name):
     c.model.moe.dispatch = 'dropless'
     model = nnx.merge(nnx.split(state_lib.make_model(c, 0))[0], nnx.split(model)[1])
   want = np.asarray(full_logits(model, tokens))
-  prefill = jnp.asarray([1, 7, T // 2, T - 1], jnp.int32)  # ragged prompts per row
-  got = cached_logits(model, tokens, prefill, max_len=T + 5)
+  got = cached_logits(model, tokens, 7, max_len=T + 5)
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize('name,mesh', [
     ('moma_ec_mod', dict(data=2, fsdp=2, expert=1, tensor=2)),
     ('mot_pre_moe', dict(data=2, fsdp=1, expert=2, tensor=2)),
+    ('mamba_hybrid_mom', dict(data=2, fsdp=2, expert=1, tensor=2)),
 ])
 def test_sharded_decoding_equals_unsharded(name, mesh):
   c, model, tokens = model_and_tokens(name)
   T = tokens.shape[1]
-  prefill = jnp.asarray([3, 9, T // 2, T - 2], jnp.int32)
-  want = cached_logits(model, tokens, prefill, max_len=T)
+  want = cached_logits(model, tokens, 9, max_len=T)
   m = partitioning.make_mesh(mesh, devices=jax.devices()[:int(np.prod(list(mesh.values())))])
   graphdef, params = nnx.split(model)
   params = jax.device_put(params, partitioning.tree_shardings(params, m))
   with jax.set_mesh(m):
     got = cached_logits(nnx.merge(graphdef, params), jax.device_put(
-        tokens, partitioning.batch_sharding(m)), prefill, max_len=T)
+        tokens, partitioning.batch_sharding(m)), 9, max_len=T)
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize('name', ['moma_ec_mod', 'mot_all_qk'])
+@pytest.mark.parametrize('name', ['moma_ec_mod', 'mamba_hybrid_mom'])
 def test_cached_greedy_generation_equals_the_recomputing_loop(name):
+  """Rows with prompts of 6 and 9 tokens in one batch (the longer fed token by token after
+  a 6-token prefill) generate what the recomputing loop generates from each alone."""
   from models import sampling
   c, model, tokens = model_and_tokens(name)
   graphdef, params = nnx.split(model)
-  P, new = 6, 10
-  prompt = tokens[:, :P]
-  want = np.asarray(generate.recompute_greedy(graphdef, params, prompt, new))
-  run = generate.generator(graphdef, num_new=new, max_len=P + new + 3,
+  new = 8
+  lengths = np.array([6, 9, 6, 9], np.int32)
+  run = generate.generator(graphdef, num_new=new, max_len=9 + new + 2,
                            sampling=sampling.Sampling(temperature=0.0))
-  got = np.asarray(run(params, prompt, jnp.full((4,), P, jnp.int32), jax.random.key(0)))
-  # Rows stop at EOS (then PAD); the recomputing loop goes on.
-  for b in range(4):
-    row, ref = got[b, :P + new], want[b]
-    stop = np.nonzero(row[P:] == 2)[0]
-    n = P + (stop[0] + 1 if stop.size else new)
-    np.testing.assert_array_equal(row[:n], ref[:n])
-    assert (got[b, n:] == 0).all()
+  got = np.asarray(run(params, tokens[:, :9], jnp.asarray(lengths), jax.random.key(0)))
+  for P in (6, 9):
+    want = np.asarray(generate.recompute_greedy(graphdef, params, tokens[:, :P], new))
+    for b in np.nonzero(lengths == P)[0]:
+      row, ref = got[b, :P + new], want[b]
+      stop = np.nonzero(row[P:] == 2)[0]  # rows stop at EOS (then PAD); the loop goes on
+      n = P + (stop[0] + 1 if stop.size else new)
+      np.testing.assert_array_equal(row[:n], ref[:n])
+      assert (got[b, n:] == 0).all()
 
 
 def test_sampled_generation_is_seeded_and_keeps_the_format():

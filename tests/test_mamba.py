@@ -162,3 +162,18 @@ def test_a_log_and_d_get_no_weight_decay():
   assert flat == {'A_log': False, 'D': False, 'conv_b': False, 'conv_w': True,
                   'dt_b': False, 'dt_w': True, 'in_proj': True, 'out_proj': True,
                   'x_proj': True}
+
+
+@pytest.mark.parametrize('arg', ['tiny', 'tiny,untie=all,attn_every=2'])
+def test_the_mamba_family_counts_its_parameters_and_trains(arg, data_dir, tmp_path):
+  from configs import mamba as mamba_config
+  from models import transformer
+  from training import loop, state as state_lib
+  from tests.helpers import tiny_config
+  config = tiny_config(mamba_config.get_config(arg), **{
+      'data.data_dir': data_dir, 'total_steps': 4, 'warmup_steps': 1, 'log_every': 2,
+      'checkpoint_every': 4, 'model.mamba.chunk': 8})
+  params = nnx.state(state_lib.make_model(config, 0))
+  assert state_lib.count_params(params) == transformer.param_count(state_lib.model_spec(config))
+  scalars = loop.train(config, str(tmp_path))
+  assert np.isfinite(scalars['train/loss'])

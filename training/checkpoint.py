@@ -53,6 +53,12 @@ def _flatten(d: dict, prefix: str = '') -> dict:
   return out
 
 
+def _if_saved_has(key: str, value):
+  """A legacy default that applies only to configs holding `key` (to the others it returns
+  None: they stay without the new key)."""
+  return lambda saved: value if key in saved else None
+
+
 # Keys added after checkpoints were written without them: what their absence meant (so a
 # checkpoint of an older config resumes with the value that reproduces it).
 LEGACY_DEFAULTS = {
@@ -61,6 +67,9 @@ LEGACY_DEFAULTS = {
     'data.image_tokens_key': lambda saved: '',
     'data.image_vocab_size': lambda saved: 0,
     'model.grouped_impl': lambda saved: 'auto',
+    'model.moe.num_experts_per_layer': _if_saved_has('model.moe.num_experts', ''),
+    'model.moe.slices': _if_saved_has('model.moe.num_experts', 0),
+    'model.attn_gate': lambda saved: 'none',
     **{f'eval.generation.{k}': (lambda v: lambda saved: v)(v)
        for k, v in common.generation_config().items()},
 }
@@ -79,7 +88,8 @@ def config_changes(saved: dict, config, free_keys: tuple[str, ...] = RESUMABLE_K
   """'key: saved -> now' for each key that differs, other than `free_keys` (and their
   sub-keys)."""
   a, b = _flatten(saved), _flatten(json.loads(config.to_json()))
-  a.update({k: default(a) for k, default in LEGACY_DEFAULTS.items() if k not in a})
+  a.update({k: v for k, default in LEGACY_DEFAULTS.items()
+            if k not in a and (v := default(a)) is not None})
   free = lambda k: any(k == r or k.startswith(r + '.') for r in free_keys)  # noqa: E731
   return [f'{k}: {a.get(k, "<absent>")!r} -> {b.get(k, "<absent>")!r}'
           for k in sorted(set(a) | set(b)) if not free(k) and a.get(k) != b.get(k)]
@@ -89,7 +99,8 @@ def config_from_saved(saved: dict) -> ml_collections.ConfigDict:
   """The locked ConfigDict of a config saved in a checkpoint's meta (JSON lists back to
   tuples), with LEGACY_DEFAULTS filled in for keys it predates."""
   flat = _flatten(saved)
-  missing = {k: default(flat) for k, default in LEGACY_DEFAULTS.items() if k not in flat}
+  missing = {k: v for k, default in LEGACY_DEFAULTS.items()
+             if k not in flat and (v := default(flat)) is not None}
   tuples = lambda v: (tuple(tuples(x) for x in v) if isinstance(v, list)  # noqa: E731
                       else {k: tuples(x) for k, x in v.items()} if isinstance(v, dict) else v)
   tree = tuples(saved)

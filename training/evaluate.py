@@ -15,7 +15,8 @@ eval.json:
    "routing": {"layers": [{"layer": i, "expert_load": [E], "dropped_fraction", ...,
                            "load": {"text": {"text/0": f, ..., "image/3": f}, "image": ...},
                            "mod_selected_fraction": f,
-                           "causal_load": {...}, "causal_mod_selected_fraction": f}]}}
+                           "causal_load": {...}, "causal_mod_selected_fraction": f}]},
+   "attention": {"sink_share": f, "max_activation": f}}
 
 `loss` is the mean next-token cross-entropy (nats) over that modality's target tokens of
 the eval split; `unigram_loss` is the entropy of those same target tokens under their own
@@ -47,6 +48,13 @@ MoMa causal inference: when WORKDIR/aux/ holds a checkpoint of the aux stage
 model; if that copy differs from the main checkpoint (the main run went on training after
 the aux stage started), the causal pass is skipped and `causal_loss_note` says so.
 
+`attention` (every decoder, gated or not; docs/gates.md): `sink_share` is the attention
+probability on the first key (position 0; in a mixture-of-depths layer its first selected
+token), averaged over heads, layers and the valid (non-PAD) query positions > 0 of the eval
+split; `max_activation` the largest |x| of the residual stream after any block over the
+valid tokens. Both from the batch-routing pass ('lm'); a family whose attention does not
+report sink shares gets `max_activation` only.
+
 Plots (process 0): WORKDIR/loss_curves.png, and for MoMa WORKDIR/routing_load.png (a
 modality x expert heat map of `load` per layer; a second row for `causal_load`).
 """
@@ -65,7 +73,7 @@ from jax.experimental import multihost_utils
 
 from core import partitioning
 from data import pipeline, tokenizer
-from models import families
+from models import families, transformer
 from training import checkpoint, plots, state as state_lib, step as step_lib
 from training import causal, generation, storage
 from training.validate import validate
@@ -231,12 +239,20 @@ class LMEval:
   def __init__(self, ctx: EvalContext):
     self.ctx, self.names = ctx, tokenizer.MODALITIES
     self.fn = jax.jit(functools.partial(step_lib.eval_step, graphdef=ctx.layout.graphdef,
-                                        num_modalities=len(self.names)))
+                                        num_modalities=len(self.names),
+                                        attention_stats=True))
     self.totals = _Totals(len(self.names))
     self.unigram = np.zeros((len(self.names), ctx.config.model.vocab_size))
+    self.attention = {}  # transformer.ATTENTION_STATS: sums, and the max
 
   def add(self, batch, device_batch) -> None:
-    self.totals.add(*jax.device_get(self.fn(self.ctx.params, device_batch)))
+    stats, aux = jax.device_get(self.fn(self.ctx.params, device_batch))
+    for key in transformer.ATTENTION_STATS:
+      if key in aux:
+        value, old = float(aux.pop(key)), self.attention.get(key)
+        self.attention[key] = value if old is None else (
+            max(old, value) if key.endswith('max_activation') else old + value)
+    self.totals.add(stats, aux)
     mask = batch['loss_mask'] > 0
     for i in range(len(self.names)):
       sel = mask & (batch['target_modality'] == i)
@@ -267,6 +283,18 @@ class LMEval:
     if self.totals.routing:
       report['routing'] = routing_report(self.totals.routing_mean(), modality_names=self.names,
                                          expert_names=self.ctx.expert_names)
+    report['attention'] = attention_report(self.attention)
+
+
+def attention_report(totals: dict) -> dict:
+  """Summed/maxed transformer.ATTENTION_STATS -> eval.json `attention`."""
+  out = {}
+  count = totals.get('attention/sink_count', 0.0)
+  if count:
+    out['sink_share'] = totals['attention/sink_sum'] / count
+  if 'attention/max_activation' in totals:
+    out['max_activation'] = totals['attention/max_activation']
+  return out
 
 
 class CausalEval:

@@ -2,7 +2,8 @@
 
     validate (shared, family, stage) -> Run (mesh, state layout, checkpointer, writer:
     training/run.py) -> resume the newest checkpoint in WORKDIR, or the stage's initialiser
-    (training/stages.py, training/warm_start.py) -> AOT-compile the step -> run_steps:
+    (training/stages.py, training/warm_start.py) -> log the per-layer table (params, active
+    params, FLOPs per token: training/flops.py) -> AOT-compile the step -> run_steps:
     batch -> step -> (log | check | save)
 
 Nothing here depends on the model family (models/families.py) or the stage: the stage's
@@ -55,10 +56,12 @@ def train(config, workdir: str, *, stop_at: int | None = None,
                      out_shardings=(layout.shardings, None), donate_argnums=0)
     end = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
     schedule = state_lib.lr_schedule(config)  # for logging; the optimizer holds its own
+    spec = state_lib.model_spec(config)
+    if run.is_chief:
+      flops.log_layer_table(spec, config.seq_len)  # per layer: params, active, FLOPs/token
     rates = metrics.Throughput(
         config.total_steps, tokens_per_step=config.batch_size * config.seq_len,
-        flops_per_step=flops.train_flops_per_step(state_lib.model_spec(config),
-                                                  config.seq_len, config.batch_size))
+        flops_per_step=flops.train_flops_per_step(spec, config.seq_len, config.batch_size))
     compiled = None
 
     def take_step(step: int) -> dict:

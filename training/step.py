@@ -123,12 +123,14 @@ def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation,
   return new_state, metrics
 
 
-def eval_step(params, batch, *, graphdef, num_modalities: int, causal: bool = False):
+def eval_step(params, batch, *, graphdef, num_modalities: int, causal: bool = False,
+              attention_stats: bool = False):
   """Per-modality loss/accuracy sums of one batch, plus the model's aux metrics; with a
   `floor` in the batch also `floor_stats` (as 'floor/<name>').
-  `causal`: MoMa routes with its auxiliary routers (the decode-time function)."""
+  `causal`: MoMa routes with its auxiliary routers (the decode-time function).
+  `attention_stats`: aux also holds the decoder's ATTENTION_STATS (sink, peak activation)."""
   model = nnx.merge(graphdef, params)
-  logits, aux = model(batch, causal=causal)
+  logits, aux = model(batch, causal=causal, attention_stats=attention_stats)
   stats = token_stats(logits, batch, num_modalities)
   if 'floor' in batch:
     stats.update({f'floor/{k}': v for k, v in

@@ -11,7 +11,7 @@ import math
 
 import jax
 
-from core import partitioning
+from core import layers, partitioning
 from data import pipeline, tokenizer
 from models import families, sampling
 from moe import kernels
@@ -91,6 +91,9 @@ def validate_common(config, num_devices: int, *, skip: tuple[str, ...] = ()
   if m.attention_impl not in ('', 'xla', 'cudnn'):
     raise ValueError(f"model.attention_impl={m.attention_impl!r} is not one of '', 'xla', "
                      f"'cudnn'")
+  if m.attn_gate not in layers.ATTN_GATES:
+    raise ValueError(f'config.model.attn_gate={m.attn_gate!r} is not one of '
+                     f'{layers.ATTN_GATES}')
   if m.grouped_impl not in kernels.IMPLS:
     raise ValueError(f'model.grouped_impl={m.grouped_impl!r} is not one of {kernels.IMPLS}')
 

@@ -4,7 +4,8 @@ picks one per stage; `upcycle_from=DIR` picks 'upcycle'), each
 
   fresh     a fresh init (training/state.py)
   main_run  the aux stage: the main run's latest params in WORKDIR, a fresh optimizer
-  upcycle   DIR's latest checkpoint upcycled into the new model
+  upcycle   DIR's latest checkpoint upcycled into the new model (MoMa: FFNs copied into
+            experts; MoE: the dense FFN cut into fine-grained experts, models/upcycle.py)
 
   aux stage (MoMa, `stage='aux'`): the run lives in WORKDIR/aux/ and starts from the main
     model in WORKDIR/checkpoints/ (its latest step); the auxiliary routers train, the rest is
@@ -29,7 +30,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from models import upcycle as upcycle_lib
+from models import families, upcycle as upcycle_lib
 from training import checkpoint, state as state_lib, storage
 
 
@@ -147,8 +148,9 @@ def upcycle_state(config, layout: state_lib.StateLayout):
   check_upcycle_source(src_dir)
   src_config, src_step = read_source_config(src_dir)
   src_spec, new_spec = state_lib.model_spec(src_config), state_lib.model_spec(config)
+  lib = families.get(new_spec.family).upcycler or upcycle_lib
   try:
-    upcycle_lib.check_compatible(src_spec, new_spec)
+    lib.check_compatible(src_spec, new_spec)
   except ValueError as e:
     raise ValueError(f'config.upcycle_from={src_dir!r}: {e}') from None
   diff = [f'{k}: {_dotted(src_config, k)!r} vs {_dotted(config, k)!r}'
@@ -156,25 +158,24 @@ def upcycle_state(config, layout: state_lib.StateLayout):
   if diff:
     raise ValueError(f'config.upcycle_from={src_dir!r}: the data position carries over '
                      f'only with the same data stream; differs: ' + '; '.join(diff))
-  if not new_spec.moma.gumbel and any(g.routed for g in new_spec.moma.groups):
-    logging.warning('upcycling without Gumbel routing noise (model.moma.gumbel=False): the '
-                    'copied experts of a group start identical')
+  for warning in lib.start_warnings(new_spec):
+    logging.warning('%s', warning)
 
   _, src_params, data_state, step = restore_params(src_dir, layout.mesh)
 
   def build(src):
     fresh = nnx.split(state_lib.make_model(config, config.seed))[1]
-    params = upcycle_lib.upcycle(src_spec, src, new_spec, fresh)
+    params = lib.upcycle(src_spec, src, new_spec, fresh)
     return {'step': jax.numpy.zeros((), jax.numpy.int32), 'params': params,
             'opt_state': layout.tx.init(params)}
 
   with jax.set_mesh(layout.mesh):
     state = jax.jit(build, out_shardings=layout.shardings)(src_params)
   del src_params
-  groups = ', '.join(f'{g.name}:{g.experts}' for g in new_spec.moma.groups)
-  logging.info('upcycled %s step %d (%s, %s) into MoMa groups %s; fresh optimizer and LR '
-               'schedule from step 0; data position %s', src_dir, step,
-               src_config.model.family, upcycle_lib.source_kind(src_spec), groups, data_state)
+  logging.info('upcycled %s step %d (%s, %s) into %s; fresh optimizer and LR schedule from '
+               'step 0; data position %s', src_dir, step, src_config.model.family,
+               lib.source_kind(src_spec), lib.describe_target(new_spec),
+               data_state)
   return state, data_state, step
 
 

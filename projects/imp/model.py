@@ -74,6 +74,7 @@ class IMPSpec:
   moe: moe_layer.MoESpec | None = None  # MoE FFN settings (None = dense encoder)
   moe_last: int = 0  # the last `moe_last` blocks use `moe` as their FFN
   qk_norm: bool = True  # RMSNorm of queries and keys over the head dim (IMP)
+  attn_gate: str = 'none'  # core/layers.py ATTN_GATES: sigmoid gate on the attention output
   posemb_grid: int = 0  # 0: patch-index coordinates; g: rescaled to a g x g grid
   attention_impl: str | None = None  # jax.nn.dot_product_attention implementation
   remat: bool = False  # rematerialise each block in the backward pass
@@ -102,6 +103,8 @@ def check_spec(spec: IMPSpec) -> None:
   if not ok:
     raise ValueError(f'IMPSpec.classifiers={spec.classifiers!r} must be a non-empty tuple of '
                      '(head name: a unique identifier, number of classes >= 2)')
+  if spec.attn_gate not in layers.ATTN_GATES:
+    raise ValueError(f'IMPSpec.attn_gate={spec.attn_gate!r} is not one of {layers.ATTN_GATES}')
   if spec.posemb_grid < 0:
     raise ValueError(f'IMPSpec.posemb_grid={spec.posemb_grid} must be >= 0 (0 = patch '
                      'indices)')
@@ -138,7 +141,7 @@ def spec_from_config(model_cfg, *, param_dtype: str, compute_dtype: str) -> IMPS
       classifiers=tuple((str(k), v) for k, v in m.classifiers.items()),
       patch_size=m.patch_size, vocab_size=model_cfg.vocab_size,
       max_text_len=m.max_text_len, proj_dim=m.proj_dim, moe=moe, moe_last=m.moe_last,
-      qk_norm=m.qk_norm, posemb_grid=m.get('posemb_grid', 0),
+      qk_norm=m.qk_norm, attn_gate=model_cfg.attn_gate, posemb_grid=m.get('posemb_grid', 0),
       attention_impl=model_cfg.attention_impl or None, remat=model_cfg.remat,
       dtype=compute_dtype, param_dtype=param_dtype)
 
@@ -267,7 +270,7 @@ class TextEmbed(nnx.Module):
 
 class EncoderAttention(nnx.Module):
   """Multi-head attention under an explicit mask (no causal default, no RoPE), optional
-  QK-norm."""
+  QK-norm and output gate (`attn_gate`: SDPA * sigmoid(x W_g) before W_O, docs/gates.md)."""
 
   def __init__(self, spec: IMPSpec, *, rngs: nnx.Rngs):
     D, H, K = spec.embed_dim, spec.num_heads, spec.head_dim
@@ -283,15 +286,18 @@ class EncoderAttention(nnx.Module):
                            ('heads', 'head_dim', 'embed'), pdtype)
     self.q_norm = layers.RMSNorm(K, param_dtype=pdtype, rngs=rngs) if spec.qk_norm else None
     self.k_norm = layers.RMSNorm(K, param_dtype=pdtype, rngs=rngs) if spec.qk_norm else None
+    g_shape, g_axes = layers.gate_shape(spec.attn_gate, H, K)  # W_g: gated only
+    self.wg = (partitioning.param(rngs, init, (D,) + g_shape, ('embed',) + g_axes, pdtype)
+               if g_shape else None)
 
   def __call__(self, x_BTD: jax.Array, mask_BTT: jax.Array) -> jax.Array:
     """`mask_BTT` (bool, query x key): every query must keep at least one key."""
     B, T, D = x_BTD.shape
     x = x_BTD.astype(self.dtype).reshape(B * T, D)
 
-    def project(w):  # [D, H, K] -> [B, T, H, K]
+    def project(w):  # [D, H, K] -> [B, T, H, K]; W_g [D, H] -> [B, T, H, 1]
       w = w[...].astype(self.dtype)
-      return (x @ w.reshape(D, -1)).reshape(B, T, w.shape[1], w.shape[2])
+      return (x @ w.reshape(D, -1)).reshape(B, T, w.shape[1], -1)
     q, k, v = project(self.wq), project(self.wk), project(self.wv)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
@@ -299,6 +305,8 @@ class EncoderAttention(nnx.Module):
     q, k, v = constrain(q, heads), constrain(k, heads), constrain(v, heads)
     o = jax.nn.dot_product_attention(q, k, v, mask=mask_BTT[:, None],
                                      implementation=self.implementation)
+    if self.wg is not None:
+      o = layers.apply_gate(o, constrain(project(self.wg), heads))
     o = constrain(o, heads)
     out = o.reshape(B * T, -1) @ self.wo[...].astype(self.dtype).reshape(-1, D)
     return constrain(out.reshape(B, T, D), ('batch', 'length', 'act_embed'))
