@@ -79,7 +79,8 @@ def frozen_mask(params, stage: str = 'main'):
                                           params)
 
 
-NO_DECAY = ('A_log',)  # matrices without weight decay: Mamba's state matrix (SPEC §5)
+# Without weight decay though 2-D: Mamba's state matrix (SPEC §5) and dt bias (untied: [M, E]).
+NO_DECAY = ('A_log', 'dt_b')
 
 
 def decay_mask(params):
