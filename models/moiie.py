@@ -36,7 +36,7 @@ from flax import nnx
 from core import layers, partitioning
 from core.partitioning import constrain
 from data import tokenizer
-from models import dense, family as family_lib, moma as moma_lib
+from models import dense, family as family_lib, moma as moma_lib, upcycle as upcycle_lib
 from moe import layer as moe_layer
 from moe import modality as modality_lib
 from moe import moiie as moiie_routing
@@ -270,13 +270,7 @@ def upcycle(src_spec, src_params, new_spec, new_params):
   `Decoder(src_spec)` and `Decoder(new_spec)`; returns `new_params`'s form. Pure and
   jit-able (shapes decide everything); ValueError first when the specs do not fit."""
   check_compatible(src_spec, new_spec)
-  as_pure = lambda p: nnx.to_pure_dict(p) if isinstance(p, nnx.State) else p  # noqa: E731
-  pure = upcycle_pure(src_spec, as_pure(src_params), new_spec, as_pure(new_params))
-  if not isinstance(new_params, nnx.State):
-    return pure
-  out = jax.tree.map(lambda x: x, new_params)  # a copy: the caller's state stays as it was
-  nnx.replace_by_pure_dict(out, pure)
-  return out
+  return upcycle_lib.in_form_of(upcycle_pure, src_spec, src_params, new_spec, new_params)
 
 
 FAMILY = family_lib.Family(

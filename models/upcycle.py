@@ -268,8 +268,14 @@ def upcycle(src_spec, src_params, new_spec, new_params):
   `Decoder(new_spec)`; returns the new model's params in `new_params`'s form. Pure and
   jit-able; raises ValueError (before any work) when the specs do not fit."""
   check_compatible(src_spec, new_spec)
-  as_pure = lambda p: nnx.to_pure_dict(p) if isinstance(p, nnx.State) else p
-  pure = upcycle_pure(src_spec, as_pure(src_params), new_spec, as_pure(new_params))
+  return in_form_of(upcycle_pure, src_spec, src_params, new_spec, new_params)
+
+
+def in_form_of(pure_fn, src_spec, src_params, new_spec, new_params):
+  """`pure_fn(src_spec, src, new_spec, new)` on pure dicts, returned in `new_params`'s form
+  (a copied nnx.State, or a pure dict): what every family's upcycler returns."""
+  as_pure = lambda p: nnx.to_pure_dict(p) if isinstance(p, nnx.State) else p  # noqa: E731
+  pure = pure_fn(src_spec, as_pure(src_params), new_spec, as_pure(new_params))
   if not isinstance(new_params, nnx.State):
     return pure
   out = jax.tree.map(lambda x: x, new_params)  # a copy: the caller's state stays as it was
