@@ -2,7 +2,8 @@
 matmul measured on the same device in the same run (a "fraction of matmul peak" MFU), and
 the MoE tiny step against the dense tiny step.
 
-  python benchmarks/train_step.py                      # 2-core CPU defaults: ~2 minutes
+  python benchmarks/train_step.py                      # 2-core CPU defaults: minutes
+  python benchmarks/train_step.py --sizes=tiny --families=mamba,mom   # the Mamba ratios
   python benchmarks/train_step.py --batch_sizes= --json=bench.json   # config batch sizes
 
 Per size in --sizes: build the train state exactly as training/loop.py does (sharded init on
@@ -23,6 +24,17 @@ configs/moma.py:tiny (4t4i, expert choice with c = 1/4: one expert of width F pe
 average) and configs/mot.py:tiny (all untied). The last lines are `moe/dense step time
 ratio: X`, `moma/dense step time ratio: X` and `mot/dense step time ratio: X`, medians of
 the per-repeat ratios (docs/moe.md, docs/moma.md, docs/mot.md).
+
+The Mamba families (docs/mamba.md) join the same repeats: `mamba` is configs/mamba.py:tiny
+(a pure Mamba stack, not FLOPs-matched to dense: `mamba/dense step time ratio` compares the
+two tiny configs as they train), and `mom` is its Mixture-of-Mamba (`untie=all`), which has
+the dense Mamba's FLOPs per token (untying adds parameters, not FLOPs), so its ratio is
+against the Mamba step: `mom/mamba step time ratio: X` (`mom` brings `mamba` along). With
+`mamba` timed, so is the selective scan alone: one jitted forward + backward of
+models/mamba.selective_scan (gradients of every input, its chunk rematerialisation
+included) on one Mamba layer's shapes (batch x length x inner width x state, the config's
+chunk), in the same repeats; `mamba scan share of the step: X` is the median over repeats of
+(Mamba layers x that time) / the Mamba train step's time.
 """
 
 from __future__ import annotations
@@ -38,9 +50,10 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import dense, moe, moma, mot  # noqa: E402
+from configs import dense, mamba, moe, moma, mot  # noqa: E402
 from core.layers import dtype_of  # noqa: E402
 from core import partitioning  # noqa: E402
+from models import mamba as mamba_lib  # noqa: E402
 from training import flops, metrics  # noqa: E402
 from training import state as state_lib  # noqa: E402
 from training.validate import validate  # noqa: E402
@@ -63,9 +76,10 @@ _MATMUL_DTYPES = flags.DEFINE_list('matmul_dtypes', ['float32', 'bfloat16'],
                                    'Input dtypes of the matmul (accumulation is float32); '
                                    'each config\'s compute dtype is added if missing.')
 _JSON = flags.DEFINE_string('json', '', 'Also write the results to this JSON file.')
-_FAMILIES = flags.DEFINE_list('families', ['moe', 'moma', 'mot'],
-                              'Families timed against dense tiny at equal active FLOPs, in '
-                              'the same repeats (moe, moma, mot; empty: none).')
+_FAMILIES = flags.DEFINE_list('families', ['moe', 'moma', 'mot', 'mamba', 'mom'],
+                              'Families timed with dense tiny in the same repeats (moe, '
+                              'moma, mot at equal active FLOPs; mamba; mom against mamba; '
+                              'empty: none).')
 
 
 def _overrides(pairs: list[str], flag: str) -> dict[str, int]:
@@ -119,7 +133,38 @@ def mot_config_like(dense_config):
   return config
 
 
-LIKE = {'moe': moe_config_like, 'moma': moma_config_like, 'mot': mot_config_like}
+def mamba_config_like(dense_config, untie: str = 'none'):
+  """configs/mamba.py (`untie`) at the dense config's size, batch, length and dtype."""
+  config = mamba.get_config(f'{dense_config.size},untie={untie}')
+  for key in ('batch_size', 'seq_len', 'compute_dtype'):
+    config[key] = dense_config[key]
+  return config
+
+
+LIKE = {'moe': moe_config_like, 'moma': moma_config_like, 'mot': mot_config_like,
+        'mamba': mamba_config_like, 'mom': lambda c: mamba_config_like(c, untie='all')}
+REFERENCE = {'mom': 'mamba'}  # the family a ratio divides by (default: dense)
+
+
+def scan_timer(config) -> Timer:
+  """Forward + backward of models/mamba.selective_scan alone on one Mamba layer's shapes
+  of `config` (B, T, E, N, its chunk), float32 as in the block: every input's gradient,
+  each call's inputs nudged by its gradients (1e-9) so calls chain."""
+  spec = mamba_lib.mamba_spec_from_config(config.model.mamba)
+  B, L = config.batch_size, config.seq_len
+  E, N = spec.inner(config.model.embed_dim), spec.state
+  k = jax.random.split(jax.random.key(0), 5)
+  args = (jax.nn.softplus(jax.random.normal(k[0], (B, L, E)) - 3.0),  # Δ around 0.05
+          -jnp.broadcast_to(jnp.arange(1, N + 1, dtype=jnp.float32), (E, N)),
+          jax.random.normal(k[1], (B, L, N)), jax.random.normal(k[2], (B, L, N)),
+          jax.random.normal(k[3], (B, L, E)))
+  cot = jax.random.normal(k[4], (B, L, E))
+
+  def loss(a):
+    return jnp.sum(mamba_lib.selective_scan(*a, chunk=spec.chunk, scan=spec.scan)[0] * cot)
+
+  step = jax.jit(lambda a: tuple(t + 1e-9 * g for t, g in zip(a, jax.grad(loss)(a))))
+  return Timer(step.lower(args).compile(), args)
 
 
 def compile_step(config, mesh) -> tuple[Timer, dict]:
@@ -147,8 +192,9 @@ def bench_size(size: str, batch_size: int | None, seq_len: int | None, matmuls: 
                families: tuple[str, ...] = ()) -> tuple[list[dict], dict[str, float]]:
   """Compile and time the dense train step of `size` as training/loop.py runs it, with the
   matmul at its compute dtype timed in alternate repeats (load changes hit both alike).
-  `families`: their steps (`LIKE[family]`) join every repeat. Returns the rows and the
-  median per-repeat family / dense step time ratio of each family."""
+  `families`: their steps (`LIKE[family]`) join every repeat (and the scan alone with
+  'mamba'). Returns the rows and the median per-repeat ratios: family / reference step
+  time of each family (REFERENCE, default dense) and 'scan_share' with 'mamba'."""
   config = dense.get_config(size)
   config.batch_size = batch_size or config.batch_size
   config.seq_len = seq_len or config.seq_len
@@ -157,6 +203,8 @@ def bench_size(size: str, batch_size: int | None, seq_len: int | None, matmuls: 
   mesh = partitioning.make_mesh(config.mesh)
   train, info = compile_step(config, mesh)
   steps = [(f'dense {size}', config, info, train)]
+  if 'mom' in families and 'mamba' not in families:
+    families = tuple(families) + ('mamba',)
   for family in families:
     other = LIKE[family](config)
     validate(other, jax.device_count())
@@ -166,7 +214,13 @@ def bench_size(size: str, batch_size: int | None, seq_len: int | None, matmuls: 
   if config.compute_dtype not in matmuls:
     matmuls[config.compute_dtype] = {'timer': matmul_timer(n_mm, config.compute_dtype)}
   mm = matmuls[config.compute_dtype]
-  timers = [s[3] for s in steps] + [mm['timer']]
+  scan = None
+  if 'mamba' in families:
+    mamba_config = steps[1 + families.index('mamba')][1]
+    scan = scan_timer(mamba_config)
+    n_scans = sum(not mamba_lib.is_attention_layer(
+        state_lib.model_spec(mamba_config), i) for i in range(mamba_config.model.num_layers))
+  timers = [s[3] for s in steps] + ([scan] if scan else []) + [mm['timer']]
   with jax.set_mesh(mesh):
     for timer in timers:
       timer.warm_up(_WARMUP.value, _REPEAT_S.value)
@@ -175,8 +229,12 @@ def bench_size(size: str, batch_size: int | None, seq_len: int | None, matmuls: 
   mm_flops = 2.0 * n_mm ** 3 * jax.device_count()  # the step runs on every device
   rows = [_row(name, c, i, timer, [(r[j], r[-1]) for r in repeats], mm_flops)
           for j, (name, c, i, timer) in enumerate(steps)]
-  ratios = {family: statistics.median(r[j + 1] / r[0] for r in repeats)
-            for j, family in enumerate(families)}
+  at = {'dense': 0, **{family: j + 1 for j, family in enumerate(families)}}
+  ratios = {family: statistics.median(r[at[family]] / r[at[REFERENCE.get(family, 'dense')]]
+                                      for r in repeats) for family in families}
+  if scan:
+    ratios['scan_share'] = statistics.median(n_scans * r[len(steps)] / r[at['mamba']]
+                                             for r in repeats)
   return rows, ratios
 
 
@@ -237,13 +295,18 @@ def main(argv):
       json.dump({'jax': jax.__version__, 'devices': [str(d) for d in dev],
                  'device_kind': dev[0].device_kind, 'train_steps': rows,
                  'matmuls': mm_rows,
-                 **{f'{f}_dense_step_time_ratio': r for f, r in ratios.items()}}, f, indent=1)
+                 **{f'{f}_{REFERENCE.get(f, "dense")}_step_time_ratio': r
+                    for f, r in ratios.items() if f != 'scan_share'},
+                 **({'mamba_scan_share': ratios['scan_share']} if 'scan_share' in ratios
+                    else {})}, f, indent=1)
   for family in _FAMILIES.value:
+    what = f'{family}/{REFERENCE.get(family, "dense")} step time ratio'
     if family not in ratios:
-      print(f'{family}/dense step time ratio: not measured (families pair with tiny in '
-            f'--sizes)')
+      print(f'{what}: not measured (families pair with tiny in --sizes)')
     else:
-      print(f'{family}/dense step time ratio: {ratios[family]:.3f}')
+      print(f'{what}: {ratios[family]:.3f}')
+  if 'scan_share' in ratios:
+    print(f'mamba scan share of the step: {ratios["scan_share"]:.3f}')
 
 
 if __name__ == '__main__':

@@ -6,6 +6,8 @@ Config files import only this module, ml_collections and the numpy tokenizer (no
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from data import scenes, tokenizer
@@ -112,6 +114,18 @@ def parse_int(variants: dict, key: str, *, minimum: int = 0) -> int:
   if n is None or n < minimum:
     raise ValueError(f'config arg {key}={value!r} must be an integer >= {minimum}')
   return n
+
+
+def parse_float(variants: dict, key: str) -> float:
+  """A finite float config-arg variant; anything else is refused (ranges: the consumer's)."""
+  value = str(variants[key])
+  try:
+    x = float(value)
+  except ValueError:
+    x = math.nan
+  if not math.isfinite(x):
+    raise ValueError(f'config arg {key}={value!r} must be a finite number')
+  return x
 
 
 def _vocab_size(codebook: str, image_vocab: ml_collections.FieldReference):

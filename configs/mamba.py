@@ -2,17 +2,27 @@
 blocks, no FFN), the projections untied by modality in Mixture-of-Mamba (models/mamba.py,
 SPEC §5).
 
-Run (2 CPU cores, a few minutes):
+Run (2 CPU cores; the selective scan makes a Mamba tiny step about 4x a dense tiny step,
+docs/mamba.md):
   python train.py --config=configs/mamba.py:tiny --workdir=runs/mamba_tiny
   python train.py --config=configs/mamba.py:tiny,untie=all --workdir=runs/mom_tiny
   python eval.py --workdir=runs/mom_tiny
+A hybrid whose attention layers (every 2nd) have a MoE FFN:
+  python train.py --config=configs/mamba.py:tiny,untie=all,attn_every=2,ffn=moe \
+      --workdir=runs/mom_hybrid_moe
 
 Args: a size from configs/common.py SIZES (twice its layers: a Mamba block has about half a
 transformer layer's parameters at expand 2), then variants:
   untie=none      none (dense Mamba) | all (= in,x,dt,out: Mixture-of-Mamba) | any subset
                   of in, x, dt, out (the paper's ablation)
   state=16 conv=4 expand=2 chunk=64   N, K, E / D, the scan's chunk length
+  scan=auto       inside a chunk: auto (sequential on CPU, associative elsewhere) |
+                  associative | sequential
   attn_every=0    a hybrid: a transformer block (attention + SwiGLU) every n-th layer
+  ffn=dense       the hybrid's attention layers' FFN: dense (SwiGLU) | moe (moe/layer.py,
+                  `model.mamba.moe`: token-choice top-k, dropless; needs attn_every > 0)
+  experts=4 k=1   ffn=moe: experts per layer and per token (each as wide as the dense FFN:
+                  k = 1 is the dense FFN's active FLOPs)
   data=shapes     the embedded dataset: shapes (mm_shapes) | scenes | scenes/g3_k128
 """
 
@@ -20,8 +30,9 @@ import ml_collections
 
 from configs import common
 
-VARIANTS = {**common.MODEL_VARIANTS, 'untie': 'none', 'state': '16', 'conv': '4', 'expand': '2', 'chunk': '64',
-            'attn_every': '0'}
+VARIANTS = {**common.MODEL_VARIANTS, 'untie': 'none', 'state': '16', 'conv': '4',
+            'expand': '2', 'chunk': '64', 'scan': 'auto', 'attn_every': '0', 'ffn': 'dense',
+            'experts': '4', 'k': '1'}
 
 
 def get_config(arg: str = 'tiny'):
@@ -36,6 +47,15 @@ def get_config(arg: str = 'tiny'):
       expand=common.parse_int(v, 'expand', minimum=1),  # E = expand * D
       dt_rank=0,  # R; 0 = ceil(D / 16)
       chunk=common.parse_int(v, 'chunk', minimum=1),
+      scan=v['scan'],  # inside a chunk: auto (sequential on CPU) | associative | sequential
       attn_every=common.parse_int(v, 'attn_every'),
+      ffn=v['ffn'],  # dense | moe: the FFN of the hybrid's attention layers
+      moe=ml_collections.ConfigDict(dict(  # ffn=moe (the keys of configs/moe.py's block)
+          num_experts=common.parse_int(v, 'experts', minimum=1),
+          k=common.parse_int(v, 'k', minimum=1), router='topk_softmax', renormalize=False,
+          dispatch='dropless', capacity_factor=1.25,
+          mlp_dim=c.model.mlp_dim,  # each expert as wide as the dense FFN
+          group_size=0, load_balance_coef=0.01, z_loss_coef=1e-3, jitter=0.0,
+          num_shared_experts=0, residual=False)),
   ))
   return c

@@ -5,8 +5,9 @@ preset into runs, checks equal active FLOPs per token, trains, evaluates and rep
   python sweep.py --sweep=tiny --dry_run          # the plan, FLOPs check, time estimate
   python sweep.py --sweep=tiny --seeds=2 --out=runs/eta_tiny   # resumes when re-run
 
-A preset: every run trains `base_steps` steps (the 1x compute point) except the dense
-curve, which trains at `base_steps * m` for m in `dense_multipliers` (separate runs, each
+A preset: its runs (`runs`, default RUNS: the dense transformer curve and the sparse
+families; MAMBA_RUNS: dense Mamba and Mixture-of-Mamba); every run trains `base_steps`
+steps (the 1x compute point) except the dense curve, which trains at `base_steps * m` for m in `dense_multipliers` (separate runs, each
 with its own full schedule; warmup = warmup_fraction of the run's steps). Sparse runs and
 the norm control must be within 1% of the dense model's active training FLOPs per token;
 `match` names a width key the plan solves for that (after adding layers while under the
@@ -44,6 +45,16 @@ RUNS = (
          speed='dense'),
 )
 
+# Mixture-of-Mamba's η (docs/mamba.md): dense Mamba (configs/mamba.py) is the curve, the
+# modality-untied variants the sparse runs (untying adds parameters, not FLOPs per token). A
+# preset takes these with `runs=MAMBA_RUNS`.
+MAMBA_RUNS = (
+    dict(name='mamba', kind='dense', config='mamba.py', variants='', speed='mamba'),
+    dict(name='mom_all', kind='sparse', config='mamba.py', variants='untie=all', speed='mom'),
+    dict(name='mom_in_out', kind='sparse', config='mamba.py', variants='untie=in,out',
+         speed='mom_in_out'),
+)
+
 # Dense curve points trained after the sparse runs of a seed (the most expensive ones), so a
 # partial sweep has the 1x comparison early.
 LATE_MULTIPLIERS = (4,)
@@ -62,6 +73,16 @@ PRESETS = {
                            'model.num_kv_heads': 6, 'model.head_dim': 32,
                            'model.mlp_dim': 768},
         },
+    ),
+    # Mixture-of-Mamba against a dense-Mamba curve, the `tiny` preset's budget and data
+    # (2-core CPU: 2 seeds in ~9 hours; the dry run prints the estimate).
+    'mamba_tiny': dict(
+        size='tiny', data='scenes/g3_k128', device='cpu', seeds=2,
+        base_steps=400,
+        dense_multipliers=(0.25, 0.5, 1, 2, 4),
+        warmup_fraction=0.05,
+        overrides={'log_every': 25, 'checkpoint_every': 100},
+        runs=MAMBA_RUNS,
     ),
     # GPUs (written and estimated, not run on the 2-core CPU).
     'small': dict(
@@ -82,13 +103,16 @@ PRESETS = {
 # FLOP/s (training/flops.py accounting) on the preset's device, times each class's step
 # time relative to dense at equal active FLOPs. CPU: a dense tiny step at batch 32 x 224
 # tokens takes ~0.95 s on the 2-core CPU (~60 GFLOP/s); ratios from docs/moma.md,
-# docs/mot.md, docs/moe.md and training runs (MoMa 4t4i ~2x in training). GPU: an assumed
+# docs/mot.md, docs/moe.md and training runs (MoMa 4t4i ~2x in training); Mamba: its step
+# time over dense tiny's (4.2, docs/mamba.md) at 0.73x dense's FLOPs per token, Mixture-of-
+# Mamba 1.17x that (untie=in,out assumed the same). GPU: an assumed
 # 100 TFLOP/s for dense small (float32 = TF32 on one H100/H200-class GPU, not measured
 # here), ratios from the MoMa paper's 435M throughputs and docs/moe.md's H100 tiny steps.
 DENSE_FLOPS_PER_S = {'cpu': 60e9, 'gpu': 100e12}
 STEP_TIME_RATIO = {
     'cpu': {'dense': 1.0, 'moe_ec': 1.5, 'moma_1t1i': 1.0, 'moma_4t4i': 2.0,
-            'mod_moma_4t4i': 2.0, 'mot': 1.1, 'mot_ffn': 1.05, 'mot_none': 1.07},
+            'mod_moma_4t4i': 2.0, 'mot': 1.1, 'mot_ffn': 1.05, 'mot_none': 1.07,
+            'mamba': 5.7, 'mom': 6.6, 'mom_in_out': 6.6},
     'gpu': {'dense': 1.0, 'moe_ec': 1.3, 'moma_1t1i': 1.1, 'moma_4t4i': 1.5,
             'mod_moma_4t4i': 1.6, 'mot': 1.15, 'mot_ffn': 1.1, 'mot_none': 1.1},
 }

@@ -92,17 +92,19 @@ def apply_gate(o_BTHK: jax.Array, gate_logits: jax.Array) -> jax.Array:
   return (o_BTHK.astype(jnp.float32) * g).astype(o_BTHK.dtype)
 
 
-def sink_share(q_BTHK: jax.Array, k_BSGK: jax.Array, mask_BTS: jax.Array | None = None
-               ) -> jax.Array:
+def sink_share(q_BTHK: jax.Array, k_BSGK: jax.Array, mask_BTS: jax.Array | None = None,
+               *, causal: bool = True) -> jax.Array:
   """Attention probability on key 0, averaged over the heads: float32 [B, T]. The same
-  scores as `jax.nn.dot_product_attention` (q k / sqrt(K), causal, `mask_BTS` further
-  restricting the keys; grouped-query heads), computed explicitly: eval only (the decoder's
-  `attention_stats`)."""
+  scores as `jax.nn.dot_product_attention` (q k / sqrt(K), causal unless `causal=False`
+  (IMP's encoder), `mask_BTS` further restricting the keys; grouped-query heads), computed
+  explicitly: eval only (the decoder's `attention_stats`)."""
   B, T, H, K = q_BTHK.shape
   S, G = k_BSGK.shape[1], k_BSGK.shape[2]
   q = q_BTHK.astype(jnp.float32).reshape(B, T, G, H // G, K)
   s = jnp.einsum('BTGRK,BSGK->BGRTS', q, k_BSGK.astype(jnp.float32)) * K ** -0.5
   allowed = (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None])[None]  # [1, T, S]
+  if not causal:
+    allowed = jnp.ones_like(allowed)
   if mask_BTS is not None:
     allowed = allowed & mask_BTS
   s = jnp.where(allowed[:, None, None], s, -jnp.inf)

@@ -137,7 +137,9 @@ def tree_shardings(abstract_state, mesh: jax.sharding.Mesh):
   """NamedShardings for an nnx.State whose Variables carry logical `out_sharding` names."""
 
   def one(v):
-    names = getattr(v, 'out_sharding', None) or (None,) * v.value.ndim
+    names = getattr(v, 'out_sharding', None)
+    if names is None:
+      names = (None,) * v.get_value().ndim
     return v.replace(NamedSharding(mesh, logical_to_spec(names)))
 
   return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))

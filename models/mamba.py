@@ -10,17 +10,26 @@ One block (pre-RMSNorm residual, no FFN: a pure Mamba stack):
     y_t    = s_t C_t + D ⊙ x_t
     h     += out_proj(y ⊙ silu(z))
 
-The recurrence is computed in float32 by `selective_scan`: an associative scan over
-(a_t, b_t) = (exp(Δ_t A), Δ_t B_t x_t) inside chunks of `chunk` steps, the state carried
-from chunk to chunk by a `lax.scan` whose step is rematerialised, so the backward pass
-keeps one [B, E, N] state per chunk and O(chunk · E · N) per chunk at a time, not
-O(L · E · N). `recurrent_scan` is the plain token-by-token `lax.scan` (the reference).
+The recurrence is computed in float32 by `selective_scan`: inside chunks of `chunk` steps,
+an associative scan over (a_t, b_t) = (exp(Δ_t A), Δ_t B_t x_t) or the token-by-token
+recurrence (`scan`: 'auto' = sequential on CPU, where it measured about 2x faster, and
+associative elsewhere; docs/mamba.md), the state carried from chunk to chunk by a
+`lax.scan` whose step is rematerialised, so the backward pass keeps one [B, E, N] state per
+chunk and O(chunk · E · N) per chunk at a time, not O(L · E · N). `recurrent_scan` is the
+plain token-by-token `lax.scan` (the reference).
 
 Mixture-of-Mamba unties `in_proj`, `x_proj`, `dt_proj` (weight and bias) and `out_proj` by
 modality (`untie`, any subset of UNTIE): each token goes through its own modality's copy,
-as one grouped matmul over the rows (moe/grouped.py, as MoT's projections), at the dense
-block's cost per token. `conv1d`, `A_log`, `D`, the norm and the scan stay shared: the scan
-runs over the whole interleaved sequence, its state crossing modality switches.
+as one grouped matmul over the rows (moe/rows.py, MoT's kernels; one row layout per block
+serves all its untied projections), at the dense block's cost per token. `conv1d`,
+`A_log`, `D`, the norm and the scan stay shared: the scan runs over the whole interleaved
+sequence, its state crossing modality switches.
+
+A hybrid (`attn_every` = n): every n-th layer is the dense family's transformer block
+(attention + SwiGLU); with `ffn=moe` its SwiGLU is a MoE layer (moe/layer.py, the MoE
+family's, built from `model.mamba.moe`), the block's `rng` passed to it as it came and its
+router metrics and aux losses returned as the block's metrics. The Mamba blocks stay
+FFN-free.
 
 Decoding (models/generate.py): the block's cache is its conv window (the last K - 1 conv
 inputs) and its state [B, E, N]; `decode` continues both over the new tokens.
@@ -38,10 +47,13 @@ from flax import nnx
 from core import layers, partitioning
 from core.partitioning import constrain
 from data import tokenizer
-from models import dense as dense_lib, family as family_lib
-from moe import grouped
+from models import dense as dense_lib, family as family_lib, moe_ffn
+from moe import layer as moe_layer, rows
 
 UNTIE = ('in', 'x', 'dt', 'out')
+FFNS = ('dense', 'moe')  # model.mamba.ffn: the hybrid attention layers' FFN
+SCANS = ('auto', 'associative', 'sequential')  # model.mamba.scan: inside each chunk
+UNROLL = 8  # time steps per iteration of the sequential chunk scan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +64,7 @@ class MambaSpec:
   expand: int = 2  # E = expand * D
   dt_rank: int = 0  # R; 0 = ceil(D / 16)
   chunk: int = 64  # scan chunk length (memory O(chunk E N) per chunk)
+  scan: str = 'auto'  # SCANS: the scan inside a chunk ('auto': sequential on CPU)
   untie: frozenset = frozenset()  # subset of UNTIE: projections per modality
   num_modalities: int = 2
   dt_min: float = 1e-3
@@ -65,6 +78,8 @@ class MambaSpec:
 
 
 def check_spec(spec: MambaSpec) -> None:
+  if spec.scan not in SCANS:
+    raise ValueError(f'model.mamba.scan={spec.scan!r} is not one of {SCANS}')
   bad = set(spec.untie) - set(UNTIE)
   if bad:
     raise ValueError(f'model.mamba.untie names {sorted(bad)}; choose from {UNTIE} or "all"')
@@ -95,10 +110,18 @@ def _chunk_scan(state_BEN, delta_BLE, A_EN, B_BLN, C_BLN, x_BLE):
   return states[:, -1], jnp.einsum('BLEN,BLN->BLE', states, C_BLN)
 
 
-def selective_scan(delta_BLE, A_EN, B_BLN, C_BLN, x_BLE, *, chunk: int, state_BEN=None):
+def resolve_scan(scan: str) -> str:
+  """'auto' -> 'sequential' on CPU, 'associative' on GPU/TPU."""
+  if scan != 'auto':
+    return scan
+  return 'sequential' if jax.default_backend() == 'cpu' else 'associative'
+
+
+def selective_scan(delta_BLE, A_EN, B_BLN, C_BLN, x_BLE, *, chunk: int, state_BEN=None,
+                   scan: str = 'auto'):
   """y [B, L, E] (float32, without the D skip) and the final state [B, E, N] of the
-  selective recurrence, chunked. Padding steps (Δ = 0: a = 1, b = 0) leave the state as
-  it is, so L need not divide by `chunk`."""
+  selective recurrence, chunked; inside a chunk the `scan` of SCANS. Padding steps (Δ = 0:
+  a = 1, b = 0) leave the state as it is, so L need not divide by `chunk`."""
   f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
   delta, A, Bm, Cm, x = map(f32, (delta_BLE, A_EN, B_BLN, C_BLN, x_BLE))
   Bsz, L, E = x.shape
@@ -111,15 +134,22 @@ def selective_scan(delta_BLE, A_EN, B_BLN, C_BLN, x_BLE, *, chunk: int, state_BE
     delta, Bm, Cm, x = map(pad_t, (delta, Bm, Cm, x))
   n = (L + pad) // c
   chunks = lambda t: jnp.moveaxis(t.reshape(Bsz, n, c, *t.shape[2:]), 1, 0)  # noqa: E731
-  step = jax.checkpoint(lambda s, inp: _chunk_scan(s, inp[0], A, inp[1], inp[2], inp[3]))
+  if resolve_scan(scan) == 'associative':
+    body = _chunk_scan
+  else:
+    def body(s, d, a, b, c_, u):  # -> (state, y), as _chunk_scan
+      y, s = recurrent_scan(d, a, b, c_, u, s, unroll=UNROLL)
+      return s, y
+  step = jax.checkpoint(lambda s, inp: body(s, inp[0], A, inp[1], inp[2], inp[3]))
   state, y = jax.lax.scan(step, state, (chunks(delta), chunks(Bm), chunks(Cm), chunks(x)))
   y = jnp.moveaxis(y, 0, 1).reshape(Bsz, n * c, E)[:, :L]
   return y, state
 
 
-def recurrent_scan(delta_BLE, A_EN, B_BLN, C_BLN, x_BLE, state_BEN=None):
-  """The same recurrence token by token (`lax.scan` over time): the reference, and what
-  one decoding step computes."""
+def recurrent_scan(delta_BLE, A_EN, B_BLN, C_BLN, x_BLE, state_BEN=None, *,
+                   unroll: int = 1):
+  """The same recurrence token by token (`lax.scan` over time, `unroll` steps per
+  iteration): the reference, and the sequential chunk scan."""
   f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
   delta, A, Bm, Cm, x = map(f32, (delta_BLE, A_EN, B_BLN, C_BLN, x_BLE))
   Bsz, _, E = x.shape
@@ -130,7 +160,8 @@ def recurrent_scan(delta_BLE, A_EN, B_BLN, C_BLN, x_BLE, state_BEN=None):
     d, bt, ct, xt = t
     s = jnp.exp(d[..., None] * A) * s + d[..., None] * bt[:, None, :] * xt[..., None]
     return s, jnp.einsum('BEN,BN->BE', s, ct)
-  state, y = jax.lax.scan(step, state, tuple(jnp.swapaxes(t, 0, 1) for t in (delta, Bm, Cm, x)))
+  state, y = jax.lax.scan(step, state, tuple(jnp.swapaxes(t, 0, 1) for t in (delta, Bm, Cm, x)),
+                          unroll=min(unroll, x.shape[1]) or 1)
   return jnp.swapaxes(y, 0, 1), state
 
 
@@ -193,42 +224,48 @@ class Mixer(nnx.Module):
     self.D = partitioning.param(rngs, nnx.initializers.ones, (E,), ('mlp',), jnp.float32)
     self.out_proj = weight('out', fan(E), (E, D), ('mlp', 'embed'))
 
-  def _proj(self, part, w, x_BLI, modality_BL):
-    """x @ w, each token with its own modality's copy of w when `part` is untied."""
+  def _proj(self, part, w, x_BLI, layout):
+    """x @ w, each token with its own modality's copy of w when `part` is untied (rows in
+    `layout`, the call's one modality layout, moe/rows.py)."""
     w = w[...].astype(self.dtype)
     Bsz, L, I = x_BLI.shape
     x = x_BLI.astype(self.dtype).reshape(Bsz * L, I)
     if part not in self.spec.untie:
       return (x @ w.reshape(I, -1)).reshape(Bsz, L, *w.shape[1:])
-    y = grouped.grouped_matmul_rows(x, w.reshape(w.shape[0], I, -1),
-                                    modality_BL.reshape(-1).astype(jnp.int32))
-    return y.reshape(Bsz, L, *w.shape[2:])
+    y = rows.layout_matmul(rows.to_layout(x, layout), w.reshape(w.shape[0], I, -1), layout)
+    return rows.from_layout(y, layout).reshape(Bsz, L, *w.shape[2:])
 
   def _bias(self, b, modality_BL):
+    """The dt bias, untied: each token's modality's, as a one-hot product (its gradient a
+    product too, not a scatter-add)."""
     b = b[...].astype(jnp.float32)
-    return b[modality_BL] if b.ndim == 2 else b
+    if b.ndim == 1:
+      return b
+    return jax.nn.one_hot(modality_BL, b.shape[0], dtype=jnp.float32) @ b
 
   def __call__(self, h_BLD, modality_BL, cache=None):
     """-> (out [B, L, D], new cache or None). `cache` (decoding): {'conv': [B, K-1, E],
     'ssm': [B, E, N]}, continued over these L tokens."""
     spec = self.spec
-    xz = self._proj('in', self.in_proj, h_BLD, modality_BL)  # [B, L, 2, E]
+    layout = (rows.rows_layout(modality_BL.reshape(-1), spec.num_modalities)
+              if spec.untie else None)
+    xz = self._proj('in', self.in_proj, h_BLD, layout)  # [B, L, 2, E]
     x, z = xz[:, :, 0], xz[:, :, 1]
     x = constrain(x, ('batch', 'length', 'act_mlp'))
     conv, window = causal_conv(x, self.conv_w[...], self.conv_b[...],
                                None if cache is None else cache['conv'])
     x = jax.nn.silu(conv.astype(jnp.float32)).astype(self.dtype)
-    dbc = self._proj('x', self.x_proj, x, modality_BL).astype(jnp.float32)
+    dbc = self._proj('x', self.x_proj, x, layout).astype(jnp.float32)
     R = spec.rank(h_BLD.shape[-1])
     dt, Bm, Cm = dbc[..., :R], dbc[..., R:R + spec.state], dbc[..., R + spec.state:]
-    delta = jax.nn.softplus(self._proj('dt', self.dt_w, dt, modality_BL).astype(jnp.float32)
+    delta = jax.nn.softplus(self._proj('dt', self.dt_w, dt, layout).astype(jnp.float32)
                             + self._bias(self.dt_b, modality_BL))
     A = -jnp.exp(self.A_log[...].astype(jnp.float32))
-    y, state = selective_scan(delta, A, Bm, Cm, x, chunk=spec.chunk,
+    y, state = selective_scan(delta, A, Bm, Cm, x, chunk=spec.chunk, scan=spec.scan,
                               state_BEN=None if cache is None else cache['ssm'])
     y = y + self.D[...].astype(jnp.float32) * x.astype(jnp.float32)
     y = (y * jax.nn.silu(z.astype(jnp.float32))).astype(self.dtype)
-    out = self._proj('out', self.out_proj, y, modality_BL)
+    out = self._proj('out', self.out_proj, y, layout)
     out = constrain(out, ('batch', 'length', 'act_embed'))
     return out, (None if cache is None else {'conv': window, 'ssm': state})
 
@@ -276,7 +313,7 @@ def mamba_spec_from_config(mcfg) -> MambaSpec:
   names = tokenizer.MODALITIES
   untie = {'all': ','.join(UNTIE), 'none': ''}.get(mcfg.untie, mcfg.untie)
   return MambaSpec(state=mcfg.state, conv=mcfg.conv, expand=mcfg.expand,
-                   dt_rank=mcfg.dt_rank, chunk=mcfg.chunk,
+                   dt_rank=mcfg.dt_rank, chunk=mcfg.chunk, scan=mcfg.get('scan', 'auto'),
                    untie=frozenset(p.strip() for p in untie.split(',') if p.strip()),
                    num_modalities=len(names))
 
@@ -289,9 +326,14 @@ def is_attention_layer(spec, layer: int) -> bool:
 
 
 def _block(spec, layer, rngs):
-  if is_attention_layer(spec, layer):
+  if not is_attention_layer(spec, layer):
+    return MambaBlock(spec, spec.ext['mamba'], rngs=rngs)
+  moe = spec.ext['moe']
+  if moe is None:
     return dense_lib.Block(spec, rngs=rngs)
-  return MambaBlock(spec, spec.ext['mamba'], rngs=rngs)
+  dtype, pdtype = layers.dtype_of(spec.dtype), layers.dtype_of(spec.param_dtype)
+  return dense_lib.Block(spec, ffn=moe_layer.MoELayer(
+      moe, embed_dim=spec.embed_dim, dtype=dtype, param_dtype=pdtype, rngs=rngs), rngs=rngs)
 
 
 def _mixer_params(spec, active: bool) -> dict[str, float]:
@@ -305,9 +347,25 @@ def _mixer_params(spec, active: bool) -> dict[str, float]:
 
 
 def _layer_params(spec, layer: int, active: bool) -> float:
-  if is_attention_layer(spec, layer):
+  if not is_attention_layer(spec, layer):
+    return sum(_mixer_params(spec, active).values())
+  if spec.ext['moe'] is None:
     return dense_lib.layer_params(spec, layer, active)
-  return sum(_mixer_params(spec, active).values())
+  return (family_lib.attention_and_norm_params(spec)
+          + moe_ffn.moe_params(spec.ext['moe'], spec.embed_dim, active))
+
+
+def _layer_summary(spec, layer: int) -> str:
+  """The run log's per-layer table: Mamba, or attention with its FFN."""
+  if not is_attention_layer(spec, layer):
+    return 'mamba' + (' untie=' + ','.join(sorted(spec.ext['mamba'].untie))
+                      if spec.ext['mamba'].untie else '')
+  moe = spec.ext['moe']
+  if moe is None:
+    return f'attention + dense F={spec.mlp_dim}'
+  r = moe.router
+  routed = f'c={r.capacity_factor:g}' if r.expert_choice else f'k={r.k}'
+  return f'attention + moe E={moe.num_experts} {routed} F={moe.mlp_dim}'
 
 
 def _attention_keys(spec, layer: int, seq_len: int) -> float:
@@ -315,7 +373,9 @@ def _attention_keys(spec, layer: int, seq_len: int) -> float:
 
 
 def _matmul_params(spec, layer: int, active_params: float) -> float:
-  """The projections (the conv, the scan and the D skip are elementwise: not counted)."""
+  """The projections (the conv, the scan and the D skip are elementwise: not counted); an
+  attention layer's active parameters but its norms (a MoE's router included, as in the
+  MoE family)."""
   if is_attention_layer(spec, layer):
     return active_params - 2 * spec.embed_dim
   p = _mixer_params(spec, True)
@@ -336,16 +396,52 @@ def _validate(config, sizes) -> None:
   if inner % sizes['tensor']:
     raise ValueError(f'the Mamba inner width model.mamba.expand x model.embed_dim = {inner} '
                      f"is not divisible by mesh.tensor={sizes['tensor']}")
+  ffn = mc.get('ffn', 'dense')  # configs saved before the key: dense
+  if ffn not in FFNS:
+    raise ValueError(f'config.model.mamba.ffn={ffn!r} is not one of {FFNS}')
+  if ffn == 'moe':
+    _validate_moe(config, sizes)
+
+
+def _validate_moe(config, sizes) -> None:
+  """`ffn=moe`: the MoE block's keys, the MoE layer's own checks, and a hybrid to put it in."""
+  mc = config.model.mamba
+  if not mc.attn_every:
+    raise ValueError('config.model.mamba.ffn=moe puts the MoE FFN in the hybrid\'s attention '
+                     'layers: set config.model.mamba.attn_every > 0')
+  moe_ffn.check_moe_block(mc.moe, 'model.mamba.moe')
+  if mc.moe.mlp_dim % sizes['tensor']:
+    raise ValueError(f"config.model.mamba.moe.mlp_dim={mc.moe.mlp_dim} is not divisible by "
+                     f"mesh.tensor={sizes['tensor']}")
+  moe_layer.check_moe_spec(moe_ffn.moe_spec_from_config(mc.moe, config.model.grouped_impl),
+                           seq_len=config.seq_len, expert_shards=sizes['expert'])
+  group = mc.moe.group_size or config.seq_len
+  groups = config.batch_size * config.seq_len // group
+  shards = sizes['data'] * sizes['fsdp'] * sizes['expert']
+  if groups % shards:
+    raise ValueError(f'{groups} routing groups of model.mamba.moe.group_size={group} tokens '
+                     f'do not split over the {shards} batch shards')
+
+
+def _spec_fields(model_cfg, stage: str) -> dict:
+  del stage
+  mc = model_cfg.mamba
+  moe = (moe_ffn.moe_spec_from_config(mc.moe, model_cfg.grouped_impl)
+         if mc.get('ffn', 'dense') == 'moe' else None)
+  return {'ext': {'mamba': mamba_spec_from_config(mc), 'attn_every': mc.attn_every,
+                  'moe': moe}}
 
 
 FAMILY = family_lib.Family(
     name='mamba',
-    spec_fields=lambda model_cfg, stage: {'ext': {
-        'mamba': mamba_spec_from_config(model_cfg.mamba),
-        'attn_every': model_cfg.mamba.attn_every}},
+    spec_fields=_spec_fields,
     block=_block,
     layer_params=_layer_params,
     validate=_validate,
     attention_keys=_attention_keys,
     matmul_params=_matmul_params,
+    decode_unsupported=lambda spec: (None if spec.ext['moe'] is None else
+                                     moe_ffn.decode_unsupported_moe(spec.ext['moe'],
+                                                                    'model.mamba.moe')),
+    layer_summary=_layer_summary,
 )

@@ -25,6 +25,7 @@ from moe import layer as moe_layer
 from moe import routing
 
 PER_LAYER_KEY = moe_configs.PER_LAYER_KEY
+SPAWNS = ('copy', 'noise')  # model.moe.spawn: how upcycling makes experts (models/upcycle.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,17 +38,20 @@ def moe_spec_from_config(moe_cfg, grouped_impl: str = 'auto') -> moe_layer.MoESp
   """A `model.moe`-like config block -> MoESpec (also MoT's MoE modality); `grouped_impl`:
   config.model.grouped_impl. Keys a block may lack (MoT's): `slices` (0)."""
   dropless = moe_cfg.dispatch == 'dropless'
+  defaults = routing.RouterConfig()
+  gate = {key: moe_cfg.get(key, getattr(defaults, key)) for key in routing.GATE_FIELDS}
   router = routing.RouterConfig(
       name=moe_cfg.router, k=moe_cfg.k,
       capacity_factor=None if dropless else moe_cfg.capacity_factor,
       renormalize=moe_cfg.renormalize, jitter=moe_cfg.jitter,
-      load_balance_coef=moe_cfg.load_balance_coef, z_loss_coef=moe_cfg.z_loss_coef)
+      load_balance_coef=moe_cfg.load_balance_coef, z_loss_coef=moe_cfg.z_loss_coef, **gate)
   slices = moe_cfg.get('slices', 0)
   return moe_layer.MoESpec(
       num_experts=moe_cfg.num_experts, mlp_dim=moe_cfg.mlp_dim, router=router,
       dispatch=moe_cfg.dispatch, group_size=moe_cfg.group_size,
       num_shared_experts=moe_cfg.num_shared_experts, residual=moe_cfg.residual,
-      grouped_impl=grouped_impl, routed_scale=float(slices or 1), clone_groups=slices)
+      grouped_impl=grouped_impl, routed_scale=float(slices or 1), clone_groups=slices,
+      spawn_noise=moe_cfg.spawn_noise if moe_cfg.get('spawn', 'copy') == 'noise' else 0.0)
 
 
 def num_moe_layers(num_layers: int, every: int) -> int:
@@ -131,6 +135,8 @@ def layer_summary(spec, layer: int) -> str:
     return f'dense F={spec.mlp_dim}'
   r = moe.router
   routed = f'c={r.capacity_factor:g}' if r.expert_choice else f'k={r.k}'
+  if r.gated:
+    routed += f' {r.name} (up to k)'
   extra = (f' +{moe.num_shared_experts} shared' if moe.num_shared_experts else '') + (
       ' +residual MLP' if moe.residual else '') + (
       f' ({moe.clone_groups} slices)' if moe.clone_groups else '')
@@ -155,6 +161,11 @@ def upcycle_problems(moe: moe_layer.MoESpec) -> list[str]:
             'slices=g: the dense FFN cut into g slices; 1 = a copy of it in every expert)']
   r = moe.router
   problems = []
+  if r.gated:  # EvoMoE's spawning: clones (+ noise) under the gate; not the dense function
+    if moe.dispatch != 'dropless':
+      problems.append(f"model.moe.dispatch={moe.dispatch!r}: spawning experts needs "
+                      "'dropless'")
+    return problems
   if r.expert_choice:
     problems.append(f'model.moe.router={r.name!r} routes by expert choice: upcycling needs '
                     'token choice (every token must reach one clone of every slice)')
@@ -184,6 +195,12 @@ def validate(config, sizes) -> None:
   if moe.mlp_dim % sizes['tensor']:
     raise ValueError(f"config.model.moe.mlp_dim={moe.mlp_dim} is not divisible by "
                      f"mesh.tensor={sizes['tensor']}")
+  spawn = moe.get('spawn', 'copy')
+  if spawn not in SPAWNS:
+    raise ValueError(f'config.model.moe.spawn={spawn!r} is not one of {SPAWNS}')
+  if spawn == 'noise' and not (moe.spawn_noise > 0 and config.get('upcycle_from')):
+    raise ValueError('config.model.moe.spawn=noise needs model.moe.spawn_noise > 0 (got '
+                     f'{moe.spawn_noise!r}) and a dense run to spawn from (upcycle_from)')
   g = moe.get('slices', 0)
   if not isinstance(g, int) or isinstance(g, bool) or g < 0:
     raise ValueError(f'config.model.moe.slices must be an integer >= 0, got {g!r}')

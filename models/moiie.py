@@ -100,8 +100,9 @@ class MoIIEFFN(nnx.Module):
     spec = self.spec
     T = x_BTD.shape[1]
     r_in = x_BTD.astype(jnp.float32)
-    if rng is not None and spec.jitter > 0:
-      r_in = routing.jitter(r_in, rng, spec.jitter)
+    key = routing.key_of(rng)
+    if key is not None and spec.jitter > 0:
+      r_in = routing.jitter(r_in, key, spec.jitter)
     logits = jnp.einsum('BTD,DR->BTR', r_in, self.router[...].astype(jnp.float32))
     route, metrics = moiie_routing.route(spec.pool, logits, modality_BT, k=spec.k,
                                          load_balance_coef=spec.load_balance_coef)
@@ -217,25 +218,22 @@ def check_compatible(src_spec, new_spec) -> None:
     raise ValueError('cannot upcycle this dense source into MoIIE: ' + '; '.join(problems))
 
 
-def _cast_like(src_tree, new_tree):
-  return jax.tree.map(lambda s, n: s.astype(n.dtype), src_tree, new_tree)
-
-
 def upcycle_pure(src_spec, src: dict, new_spec, new: dict) -> dict:
   """`upcycle` on nested pure dicts (`nnx.to_pure_dict`)."""
   check_compatible(src_spec, new_spec)
   E = new_spec.ext.pool.num_experts
-  out = {key: _cast_like(src[key], value) for key, value in new.items() if key != 'blocks'}
+  cast_like = upcycle_lib.cast_like
+  out = {key: cast_like(src[key], value) for key, value in new.items() if key != 'blocks'}
   out['blocks'] = {}
   for i in range(new_spec.num_layers):
     s, n = src['blocks'][i], new['blocks'][i]
-    block_ = {key: _cast_like(s[key], value) for key, value in n.items() if key != 'ffn'}
+    block_ = {key: cast_like(s[key], value) for key, value in n.items() if key != 'ffn'}
     if new_spec.ext.is_moe_layer(i):  # every expert a copy of the dense FFN; fresh router
       experts = {name: jnp.broadcast_to(s['ffn'][name][None], (E,) + s['ffn'][name].shape)
                  .astype(w.dtype) for name, w in n['ffn']['experts'].items()}
       block_['ffn'] = {**n['ffn'], 'experts': experts}
     else:
-      block_['ffn'] = _cast_like(s['ffn'], n['ffn'])
+      block_['ffn'] = cast_like(s['ffn'], n['ffn'])
     out['blocks'][i] = block_
   return out
 

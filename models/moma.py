@@ -46,6 +46,7 @@ from data import tokenizer
 from models import family as family_lib
 from models import mod as mod_lib
 from moe import layer as moe_layer
+from moe import routing
 from moe.experts import Experts
 from moe.modality import SHARED, AuxRouter, Group, load_by_modality, route, selection
 
@@ -142,8 +143,9 @@ class MoMaFFN(nnx.Module):
               else member_BT.reshape(G, S).astype(bool))
     logits = jnp.einsum('GSD,DE->GSE', x.astype(jnp.float32),
                         self.router[...].astype(jnp.float32))
-    if rng is not None and spec.gumbel:
-      logits = logits + jax.random.logistic(rng, logits.shape, jnp.float32)
+    key = routing.key_of(rng)
+    if key is not None and spec.gumbel:
+      logits = logits + jax.random.logistic(key, logits.shape, jnp.float32)
     aux_logits = None
     if self.aux_routers and (causal or spec.train_aux):
       x_aux = jax.lax.stop_gradient(x)  # the aux routers never train the main model

@@ -23,6 +23,7 @@ from core.partitioning import constrain
 from data import tokenizer
 from models import families, mod as mod_lib, moma as moma_lib, mot as mot_lib
 from moe import layer as moe_layer
+from moe import routing
 
 dtype_of = layers.dtype_of
 
@@ -81,8 +82,12 @@ class Decoder(nnx.Module):
                                 (spec.embed_dim, spec.vocab_size), ('embed', 'vocab'), pdtype)
 
   def __call__(self, batch: dict[str, jax.Array], rng: jax.Array | None = None, *,
-               causal: bool = False, attention_stats: bool = False):
+               step: jax.Array | None = None, causal: bool = False,
+               attention_stats: bool = False):
     """`rng` (training only) drives stochastic routing (router jitter, Gumbel noise).
+    `step` (int32 scalar, the training step): the schedules of the dense-to-sparse gates
+    (moe/routing.py `temperature`, evomoe's hard phase); None = their end. The blocks get
+    both as one `routing.Draw` per layer (their `rng` argument), or None when both are.
     `causal`: route with the auxiliary routers (MoMa), so position t never depends on
     tokens after t; the default batch routing is the training-time function.
     `attention_stats` (static; eval): also the `ATTENTION_STATS` in aux, from the sink
@@ -95,7 +100,7 @@ class Decoder(nnx.Module):
     x_BTD = self.embed(tokens)
     x = family.stream_in(self, x_BTD, modality)  # e.g. MoT's rows layout
     if not attention_stats:
-      x, aux, _ = self._blocks(x, sin_cos, rng, modality, causal)
+      x, aux, _ = self._blocks(x, sin_cos, rng, step, modality, causal)
     else:
       valid = tokens != tokenizer.PAD
       # the valid tokens in the stream's layout (MoT: its rows; padding rows are 0)
@@ -103,22 +108,23 @@ class Decoder(nnx.Module):
           self, jnp.broadcast_to(valid[..., None], x_BTD.shape).astype(x_BTD.dtype), modality)
       self.set_attributes(attention_stats=True, raise_if_not_found=False)
       (x, aux, peak), sown = nnx.capture(Decoder._blocks, nnx.Intermediate)(
-          self, x, sin_cos, rng, modality, causal, in_stream)
+          self, x, sin_cos, rng, step, modality, causal, in_stream)
       self.set_attributes(attention_stats=False, raise_if_not_found=False)
       aux.update(_attention_stats(sown, valid))
       aux['attention/max_activation'] = peak
     x = self.final_norm(family.stream_out(self, x, modality))
     return self._logits(x), aux
 
-  def _blocks(self, x, sin_cos, rng, modality, causal, in_stream=None):
+  def _blocks(self, x, sin_cos, rng, step, modality, causal, in_stream=None):
     """The blocks on the stream -> (x, aux, max |x| over `in_stream` after any block, or
     None without `in_stream`)."""
     aux, peak = {}, None
     call = lambda b, x, sc, r, m: b(x, sc, r, modality=m, causal=causal)
     if self.spec.remat:
       call = nnx.remat(call)
+    draw = None if rng is None and step is None else routing.Draw(key=rng, step=step)
     for i, block in enumerate(self.blocks):
-      block_rng = None if rng is None else jax.random.fold_in(rng, i)
+      block_rng = None if draw is None else draw.fold_in(i)
       x, block_aux = call(block, x, sin_cos, block_rng, modality)
       aux.update({f'layer_{i}/{k}': v for k, v in block_aux.items()})
       if in_stream is not None:

@@ -45,6 +45,15 @@ update on, the router's gradient makes tokens pick other clones, and clones of o
 may fire together (logged as `layer_i/clone_cofire`, moe/layer.py `clone_metrics`). g = 1
 is plain sparse upcycling: every expert a copy of the FFN.
 
+EvoMoE's expert spawning (SPEC §6; router `evomoe` or `activation_gate`, `slices=1`): the
+same cut, then a documented spawn operation (`model.moe.spawn`): 'copy' leaves the E copies
+identical (the gate's Gumbel noise and training pull them apart); 'noise' adds to expert e's
+copy of each weight matrix N(0, (spawn_noise * std of that source matrix)^2) noise, drawn
+from key(0) folded with the layer, the matrix and nothing else (the same draw in every run).
+A gated model is not the source's function at step 0: its weights are the gate's g, not 1/k
+(with a zero router g = 1/E for every expert, so the soft phase with k = E starts as the
+source model in expectation over the noise, and top-1 evaluation gives FFN(x) / E).
+
 `upcycle(src_spec, src_params, new_spec, new_params)` is pure and jit-able (shapes decide
 everything, no values are read): training/warm_start.py runs it under
 `jax.jit(out_shardings=...)`, with the fresh init inside the same jit, so no parameter is
@@ -154,7 +163,7 @@ def expert_sources(src_spec, new_spec) -> tuple[tuple[int, ...], ...]:
   return tuple(tuple(sorted({ffn_of(m) for m in g.modalities})) for g in new_spec.moma.groups)
 
 
-def _cast_like(src_tree, new_tree):
+def cast_like(src_tree, new_tree):
   return jax.tree.map(lambda s, n: s.astype(n.dtype), src_tree, new_tree)
 
 
@@ -186,28 +195,42 @@ def fine_grained_experts(ffn: dict, g: int, num_experts: int) -> dict:
   return {k: jnp.tile(w, (num_experts // g, 1, 1)) for k, w in sliced.items()}
 
 
+def spawn_noise(experts: dict, ffn: dict, scale: float, *, layer: int) -> dict:
+  """EvoMoE's 'noise' spawn: expert weights [E, ...] plus N(0, (scale * std(source))^2),
+  one draw per (layer, matrix) from key(0), every expert its own noise."""
+  out = {}
+  for j, name in enumerate(FFN_WEIGHTS):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), layer), j)
+    w = experts[name].astype(jnp.float32)
+    std = jnp.std(ffn[name].astype(jnp.float32))
+    out[name] = w + scale * std * jax.random.normal(key, w.shape, jnp.float32)
+  return out
+
+
 def _upcycle_moe_pure(src_spec, src: dict, new_spec, new: dict) -> dict:
   """Fine-grained upcycling of a dense source into a MoE model (the module docstring)."""
   g = new_spec.moe.clone_groups
   out = dict(new)
   for key in COPIED:
-    out[key] = _cast_like(src[key], new[key])
+    out[key] = cast_like(src[key], new[key])
   out['blocks'] = {}
   for i in range(new_spec.num_layers):
     s, n = src['blocks'][i], new['blocks'][i]
     block = dict(n)
     for key in COPIED_IN_BLOCK:
-      block[key] = _cast_like(s[key], n[key])
+      block[key] = cast_like(s[key], n[key])
     if moe_ffn.layer_moe(new_spec, i) is None:
-      block['ffn'] = _cast_like(s['ffn'], n['ffn'])
+      block['ffn'] = cast_like(s['ffn'], n['ffn'])
     else:
       ffn = dict(n['ffn'])
       experts = n['ffn']['experts']
-      ffn['experts'] = _cast_like(
-          fine_grained_experts(s['ffn'], g, experts['w_gate'].shape[0]), experts)
+      cut = fine_grained_experts(s['ffn'], g, experts['w_gate'].shape[0])
+      if new_spec.moe.spawn_noise:
+        cut = spawn_noise(cut, s['ffn'], new_spec.moe.spawn_noise, layer=i)
+      ffn['experts'] = cast_like(cut, experts)
       ffn['router'] = jnp.zeros_like(n['ffn']['router'])
       if 'residual_mlp' in n['ffn']:
-        ffn['residual_mlp'] = _cast_like(s['ffn'], n['ffn']['residual_mlp'])
+        ffn['residual_mlp'] = cast_like(s['ffn'], n['ffn']['residual_mlp'])
         ffn['residual_mix'] = jnp.zeros_like(n['ffn']['residual_mix'])
       block['ffn'] = ffn
     out['blocks'][i] = block
@@ -224,18 +247,18 @@ def upcycle_pure(src_spec, src: dict, new_spec, new: dict) -> dict:
   sizes = [g.experts for g in new_spec.moma.groups]
   out = dict(new)
   for key in COPIED:
-    out[key] = _cast_like(src[key], new[key])
+    out[key] = cast_like(src[key], new[key])
   out['blocks'] = {}
   for i in range(new_spec.num_layers):
     s, n = src['blocks'][i], new['blocks'][i]
     block = dict(n)  # keeps the fresh routers, aux routers and MoD of the new init
     for key in COPIED_IN_BLOCK:
-      block[key] = _cast_like(s[key], n[key])
+      block[key] = cast_like(s[key], n[key])
     src_ffn = s['ffn'] if src_dense else s['ffn']['experts']
     block['ffn'] = {**n['ffn'], 'experts': _experts(src_ffn, n['ffn']['experts'], src_dense,
                                                     sources, sizes)}
     if 'mod' in n and 'mod' in s:  # the same layer was a MoD layer in the source
-      block['mod'] = {**n['mod'], 'router': _cast_like(s['mod']['router'],
+      block['mod'] = {**n['mod'], 'router': cast_like(s['mod']['router'],
                                                        n['mod']['router'])}
     out['blocks'][i] = block
   return out
@@ -248,6 +271,12 @@ def describe_target(spec) -> str:
   counts = sorted({moe_ffn.layer_moe(spec, i).num_experts for i in range(spec.num_layers)
                    if moe_ffn.is_moe_layer(spec, i)})
   g = spec.moe.clone_groups
+  if spec.moe.router.gated:
+    spawn = (f'copies plus noise {spec.moe.spawn_noise:g} x std' if spec.moe.spawn_noise
+             else 'copies')
+    return (f'MoE experts {"/".join(map(str, counts))} spawned from the dense FFN ({g} '
+            f'slices, {spawn}) under the {spec.moe.router.name} gate (not the source '
+            'function at step 0)')
   return (f'MoE experts {"/".join(map(str, counts))}: the FFN cut into {g} slices of width '
           f'{spec.moe.mlp_dim}, top-{spec.moe.router.k} routing from zero routers (step 0 '
           f'computes the source model)')

@@ -21,6 +21,7 @@ clones: fine-grained upcycling, models/upcycle.py) also `clone_cofire` and `slic
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,8 @@ class MoESpec:
   # routed_scaling_factor; g under fine-grained upcycling, where k weights of 1/k add to 1/g)
   clone_groups: int = 0  # g > 0: expert e is a clone of e % g (fine-grained upcycling's
   # slices); the layer reports how often a token's experts hold two clones; 0 = off
+  spawn_noise: float = 0.0  # upcycling only (models/upcycle.py): each expert's copied
+  # weights plus N(0, (spawn_noise * std of the source matrix)^2) noise; 0 = exact copies
 
 
 def check_moe_spec(spec: MoESpec, *, seq_len: int, expert_shards: int) -> None:
@@ -88,6 +91,13 @@ class MoELayer(nnx.Module):
                                  mlp_dim=spec.mlp_dim * spec.num_shared_experts,
                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                    if spec.num_shared_experts else None)
+    r = spec.router
+    if r.name == 'activation_gate':  # softmax(act(x W_r + b) / tau): the gate's bias b
+      self.router_bias = partitioning.param(rngs, nnx.initializers.zeros, (spec.num_experts,),
+                                            (None,), param_dtype)
+    if r.learned_temperature:  # log tau, a scalar per layer, initialised to log(router.tau)
+      self.log_temperature = partitioning.param(
+          rngs, nnx.initializers.constant(math.log(r.tau)), (), (), param_dtype)
     if spec.residual:
       self.residual_mlp = layers.SwiGLU(embed_dim=embed_dim, mlp_dim=spec.mlp_dim,
                                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -99,9 +109,11 @@ class MoELayer(nnx.Module):
     S = self.spec.group_size or T
     return x_BTD.reshape(B * T // S, S, D)
 
-  def __call__(self, x_BTD: jax.Array, rng: jax.Array | None = None,
+  def __call__(self, x_BTD: jax.Array, rng=None,
                token_mask_BT: jax.Array | None = None, *, decoding: bool = False):
-    """`rng` (training only) drives router jitter; None = deterministic routing.
+    """`rng`: a key or a `routing.Draw` (key and training step). Its key (training only)
+    drives router jitter and evomoe's Gumbel noise, None = deterministic routing; its step
+    drives the dense-to-sparse gates' schedules (None: their end).
     `token_mask_BT` (bool): only these tokens are routed (MoT's one-modality MoE); the
     others get 0 from the layer. Expert-choice routers never pick a masked token while an
     unmasked one is left, and the router metrics and aux losses average over the unmasked
@@ -111,12 +123,13 @@ class MoELayer(nnx.Module):
     a decoding step (a capacity-dispatch layer's full pass may drop tokens decoding keeps)."""
     B, T, D = x_BTD.shape
     x = x_BTD if decoding else self._groups(x_BTD)
+    key = None if decoding else routing.key_of(rng)
     r_in = x.astype(jnp.float32)
-    if rng is not None and self.spec.router.jitter > 0:
-      r_in = routing.jitter(r_in, rng, self.spec.router.jitter)
+    if key is not None and self.spec.router.jitter > 0:
+      r_in = routing.jitter(r_in, key, self.spec.router.jitter)
     logits = jnp.einsum('GSD,DE->GSE', r_in, self.router[...].astype(jnp.float32))
     mask = None if token_mask_BT is None else token_mask_BT.reshape(x.shape[:2])
-    route, metrics = routing.route(self.spec.router, logits, mask)
+    route, metrics = self._route(logits, mask, key, None if decoding else routing.step_of(rng))
     if mask is not None:
       valid = route.valid & jnp.take_along_axis(mask, route.token, axis=1)
       route = route.replace(valid=valid, weight=jnp.where(valid, route.weight, 0.0))
@@ -137,6 +150,16 @@ class MoELayer(nnx.Module):
                                       self.residual_mix[...].astype(jnp.float32)), axis=-1)
       y = (mix[..., :1] * y + mix[..., 1:] * self.residual_mlp(x_BTD)).astype(y.dtype)
     return y, {**metrics, **stats}
+
+  def _route(self, logits_GSE, mask_GS, key, step):
+    r = self.spec.router
+    if not r.gated:
+      return routing.route(r, logits_GSE, mask_GS)
+    if hasattr(self, 'router_bias'):
+      logits_GSE = logits_GSE + self.router_bias[...].astype(jnp.float32)
+    log_tau = self.log_temperature[...] if r.learned_temperature else None
+    noise_key = None if key is None else jax.random.fold_in(key, 1)  # jitter drew from key
+    return routing.route(r, logits_GSE, mask_GS, step=step, key=noise_key, log_tau=log_tau)
 
   def _dispatch(self, x_GSD, route: routing.Routing):
     spec = self.spec

@@ -22,8 +22,17 @@ name from `ROUTERS`, or through `route(config, logits)` with a `RouterConfig`:
   batch_prioritized      topk_softmax, pairs ordered so confident tokens claim capacity first
   expert_choice          each expert takes the top-C tokens of its softmax column
   expert_choice_sigmoid  the same with sigmoid scores (MoMa)
+  evomoe                 EvoMoE's dense-to-sparse gate (arXiv 2112.14397): g = softmax((logits
+                         + Gumbel) / tau), the experts of a token's top-k with g > threshold
+                         (soft phase), only the top one from `hard_step` on (hard phase), top-1
+                         without noise at eval; weights g, not renormalised
+  activation_gate        the activation dense-to-sparse gate (arXiv 2401.13875): g =
+                         softmax(act(logits) / tau) (the layer adds the bias b to the logits),
+                         then top-k, optionally a threshold; weights g (or renormalised)
 
-Token-choice routers return all S*k pairs valid: capacity is applied by the dispatch (or not
+The two dense-to-sparse gates (`GATED`) take their temperature tau from a schedule of the
+training step, or a learned log-temperature the layer owns (`temperature`); a token uses 1..k
+experts (pairs past a token's first can be invalid). Token-choice routers return all S*k pairs valid: capacity is applied by the dispatch (or not
 at all, dropless). Expert-choice routers apply their capacity C themselves.
 Ties (equal logits) go to the lower expert index / lower token index (`lax.top_k`).
 
@@ -38,6 +47,10 @@ Metrics, the same keys for every router (float32 scalars, `expert_load` is [E]):
   dropped_fraction   fraction of tokens the router gave no expert (nonzero only for expert
                      choice; capacity drops of token choice happen in dispatch)
   router_entropy     mean over tokens of the entropy of p
+  experts_per_token  mean over tokens of the token's valid pairs (before dispatch drops)
+The gated routers add `temperature` (tau), and their load-balance loss is EvoMoE's
+E^2 * mean_e(mean_t g_e * mean_t chosen_e) = E * sum_e P_e f_e with f_e the fraction of tokens
+that USE expert e (all their valid pairs, not only the top one) and P_e the mean gate value.
 The per-token routing distribution p is softmax(logits) for softmax routers and, as our
 choice for sigmoid routers, the normalised scores sigmoid(l_i) / sum_j sigmoid(l_j).
 """
@@ -71,6 +84,28 @@ class Routing:
 Metrics = dict[str, jax.Array]
 
 
+@flax.struct.dataclass
+class Draw:
+  """What a layer's stochastic or scheduled routing gets from the training step, passed
+  down the blocks as their `rng` argument (models/transformer.py `Decoder.__call__`):
+  `key`, a PRNG key for routing noise (None: no noise, evaluation), and `step`, the int32
+  training step of the schedules (None: the schedules' end). Layers read it through
+  `key_of` / `step_of`, which also take a bare key (or None), as tests pass."""
+  key: jax.Array | None
+  step: jax.Array | None
+
+  def fold_in(self, i: int) -> 'Draw':
+    return self.replace(key=None if self.key is None else jax.random.fold_in(self.key, i))
+
+
+def key_of(rng) -> jax.Array | None:
+  return rng.key if isinstance(rng, Draw) else rng
+
+
+def step_of(rng) -> jax.Array | None:
+  return rng.step if isinstance(rng, Draw) else None
+
+
 @dataclasses.dataclass(frozen=True)
 class RouterConfig:
   """Static router settings (hashable: usable as a static argument of jit)."""
@@ -81,10 +116,27 @@ class RouterConfig:
   jitter: float = 0.0  # eps of x * U(1-eps, 1+eps) on the router input; layer, train only
   load_balance_coef: float = 0.01  # alpha of the Switch loss (use 0 for expert choice)
   z_loss_coef: float = 1e-3  # beta of the router z-loss
+  # The dense-to-sparse gates (GATED routers only; `check_router_config` refuses them on
+  # the others):
+  temperature: str = 'fixed'  # tau: a key of TEMPERATURES
+  tau: float = 1.0  # tau_0: the fixed tau, a schedule's start, a learned tau's init
+  tau_min: float = 0.5  # a schedule's end value
+  tau_steps: int = 0  # T: a schedule goes from tau to tau_min over steps [0, T]
+  threshold: float = 0.0  # a token's experts after its first need g > threshold
+  hard_step: int = -1  # evomoe: from this training step on only the top expert; -1 = never
+  activation: str = 'identity'  # activation_gate: act, a key of ACTIVATIONS
 
   @property
   def expert_choice(self) -> bool:
     return self.name in EXPERT_CHOICE
+
+  @property
+  def gated(self) -> bool:
+    return self.name in GATED
+
+  @property
+  def learned_temperature(self) -> bool:
+    return self.gated and self.temperature == 'learned'
 
   def capacity(self, group_size: int, num_experts: int) -> int | None:
     """Tokens per expert per group C; None for dropless token choice."""
@@ -129,6 +181,43 @@ def check_router_config(config: RouterConfig, num_experts: int | None = None) ->
   if config.load_balance_coef < 0 or config.z_loss_coef < 0:
     raise ValueError('aux loss coefficients must be >= 0, got '
                      f'{config.load_balance_coef!r}, {config.z_loss_coef!r}')
+  _check_gate(config)
+
+
+def _check_gate(config: RouterConfig) -> None:
+  defaults = RouterConfig()
+  if not config.gated:
+    changed = [f for f in GATE_FIELDS if getattr(config, f) != getattr(defaults, f)]
+    if changed:
+      raise ValueError(f'router {config.name!r} takes no {", ".join(changed)}: those set the '
+                       f'dense-to-sparse gates {sorted(GATED)}')
+    return
+  if config.temperature not in TEMPERATURES:
+    raise ValueError(f'{config.name}: unknown temperature {config.temperature!r}; known: '
+                     f'{sorted(TEMPERATURES)}')
+  if config.name == 'evomoe' and config.activation != 'identity':
+    raise ValueError(f"evomoe takes no activation (got {config.activation!r}): it is "
+                     "activation_gate's")
+  if config.activation not in ACTIVATIONS:
+    raise ValueError(f'{config.name}: unknown activation {config.activation!r}; known: '
+                     f'{sorted(ACTIVATIONS)}')
+  for key in ('tau', 'tau_min'):
+    value = getattr(config, key)
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+      raise ValueError(f'{config.name}: {key} must be a number > 0, got {value!r}')
+  scheduled = config.temperature in ('exponential', 'linear')
+  if not isinstance(config.tau_steps, int) or config.tau_steps < (1 if scheduled else 0):
+    raise ValueError(f'{config.name}: tau_steps must be an integer >= '
+                     f'{1 if scheduled else 0} for temperature={config.temperature!r}, got '
+                     f'{config.tau_steps!r}')
+  if not 0.0 <= config.threshold < 1.0:
+    raise ValueError(f'{config.name}: threshold must be in [0, 1), got {config.threshold!r}')
+  if not isinstance(config.hard_step, int) or config.hard_step < -1:
+    raise ValueError(f'{config.name}: hard_step must be an integer >= -1 (-1 = never), got '
+                     f'{config.hard_step!r}')
+  if config.hard_step != -1 and config.name != 'evomoe':
+    raise ValueError(f'{config.name}: hard_step is the evomoe gate\'s (got '
+                     f'{config.hard_step!r}); use k=1 for a top-1 gate')
 
 
 def jitter(x: jax.Array, rng: jax.Array, eps: float) -> jax.Array:
@@ -140,17 +229,63 @@ def jitter(x: jax.Array, rng: jax.Array, eps: float) -> jax.Array:
 
 
 def route(config: RouterConfig, logits_GSE: jax.Array,
-          token_mask_GS: jax.Array | None = None) -> tuple[Routing, Metrics]:
+          token_mask_GS: jax.Array | None = None, *, step: jax.Array | None = None,
+          key: jax.Array | None = None,
+          log_tau: jax.Array | None = None) -> tuple[Routing, Metrics]:
   """Routes with the router `config.name`; capacity from `config.capacity_factor`.
   `token_mask_GS` (bool, optional): the tokens that take part. Expert choice never picks a
   masked token while an unmasked one is left, and the metrics (aux losses included) average
-  over the unmasked tokens only; the caller invalidates the masked tokens' pairs."""
+  over the unmasked tokens only; the caller invalidates the masked tokens' pairs.
+  The gated routers also take the training `step` (int32 scalar; None: the schedules' end),
+  `key` (evomoe's Gumbel noise; None: evaluation, top-1) and `log_tau` (the layer's learned
+  log-temperature, for temperature='learned')."""
   _, group_size, num_experts = logits_GSE.shape
   check_router_config(config, num_experts)
+  extra = {}
+  if config.gated:
+    extra = dict(tau=temperature(config, step, log_tau), hard=hard_phase(config, step),
+                 key=key, threshold=config.threshold, activation=config.activation)
   return ROUTERS[config.name](
       logits_GSE, k=config.k, capacity=config.capacity(group_size, num_experts),
       renormalize=config.renormalize, load_balance_coef=config.load_balance_coef,
-      z_loss_coef=config.z_loss_coef, token_mask=token_mask_GS)
+      z_loss_coef=config.z_loss_coef, token_mask=token_mask_GS, **extra)
+
+
+def temperature(config: RouterConfig, step: jax.Array | None,
+                log_tau: jax.Array | None = None) -> jax.Array:
+  """tau of a gated router at training step `step` (float32 scalar):
+
+    fixed        tau
+    exponential  tau * (tau_min / tau) ** min(t / T, 1)   (= max(tau exp(t ln(tau_min/tau) / T),
+                                                            tau_min) when tau_min < tau)
+    linear       tau + (tau_min - tau) * min(t / T, 1)
+    learned      exp(log_tau), the layer's parameter (initialised to log tau)
+
+  `step` None (decoding, a bare model call): the schedule's end, tau_min."""
+  kind = config.temperature
+  if kind == 'learned':
+    if log_tau is None:
+      raise ValueError("temperature='learned' needs the layer's log_tau")
+    return jnp.exp(jnp.asarray(log_tau, jnp.float32))
+  if kind == 'fixed':
+    return jnp.asarray(config.tau, jnp.float32)
+  if step is None:
+    frac = jnp.ones((), jnp.float32)
+  else:
+    frac = jnp.minimum(jnp.asarray(step, jnp.float32) / config.tau_steps, 1.0)
+  tau0, tau1 = jnp.float32(config.tau), jnp.float32(config.tau_min)
+  if kind == 'exponential':
+    return tau0 * jnp.exp(frac * jnp.log(tau1 / tau0))
+  return tau0 + (tau1 - tau0) * frac
+
+
+def hard_phase(config: RouterConfig, step: jax.Array | None) -> jax.Array:
+  """bool scalar: evomoe's hard phase (step >= hard_step); `step` None: whether there is one."""
+  if config.hard_step < 0:
+    return jnp.zeros((), jnp.bool_)
+  if step is None:
+    return jnp.ones((), jnp.bool_)
+  return jnp.asarray(step) >= config.hard_step
 
 
 # ---------------------------------------------------------------------------------------
@@ -232,16 +367,55 @@ def _expert_choice(logits_GSE, *, score: str, k: int, capacity: int | None,
                            token_mask)
 
 
+def _gated(logits_GSE, *, gumbel: bool, k: int, capacity: int | None, renormalize: bool,
+           load_balance_coef: float, z_loss_coef: float, token_mask=None, tau, hard, key,
+           threshold: float, activation: str) -> tuple[Routing, Metrics]:
+  """The dense-to-sparse gates: g = softmax((act(logits) [+ Gumbel]) / tau), a token's
+  top-k experts of g in descending order (pair s*k + j is its j-th), the first always used,
+  the j-th (j > 0) only where g > threshold and not in evomoe's hard phase; weights g (or
+  renormalised over the used ones). `gumbel` (evomoe): Gumbel(0, 1) noise from `key` in
+  training; `key` None = evaluation: the top expert alone, without noise."""
+  del capacity
+  logits_GSE = logits_GSE.astype(jnp.float32)
+  G, S, E = logits_GSE.shape
+  scores = ACTIVATIONS[activation](logits_GSE)
+  if gumbel and key is not None:
+    scores = scores + jax.random.gumbel(key, scores.shape, jnp.float32)
+  log_g_GSE = jax.nn.log_softmax(scores / tau, axis=-1)
+  log_w_GSk, expert_GSk = jax.lax.top_k(log_g_GSE, k)
+  first_k = jnp.arange(k) == 0
+  if gumbel and key is None:
+    valid_GSk = jnp.broadcast_to(first_k, (G, S, k))
+  else:
+    valid_GSk = first_k | ((jnp.exp(log_w_GSk) > threshold) & ~hard)
+  if renormalize:
+    weight_GSk = jax.nn.softmax(jnp.where(valid_GSk, log_w_GSk, -jnp.inf), axis=-1)
+  else:
+    weight_GSk = jnp.where(valid_GSk, jnp.exp(log_w_GSk), 0.0)
+  token_GSk = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None, :, None], (G, S, k))
+  routing = Routing(token=token_GSk.reshape(G, S * k), expert=expert_GSk.reshape(G, S * k),
+                    weight=weight_GSk.reshape(G, S * k), valid=valid_GSk.reshape(G, S * k),
+                    num_experts=E, group_size=S)
+  chosen_GSE = jnp.sum(jax.nn.one_hot(expert_GSk, E, dtype=jnp.float32)
+                       * valid_GSk[..., None].astype(jnp.float32), axis=2)
+  metrics = _metrics(logits_GSE, log_g_GSE, routing, load_balance_coef, z_loss_coef,
+                     token_mask, chosen_GSE=chosen_GSE)
+  return routing, {**metrics, 'temperature': jnp.asarray(tau, jnp.float32)}
+
+
 def _metrics(logits_GSE, log_p_GSE, routing: Routing, load_balance_coef: float,
-             z_loss_coef: float, token_mask=None) -> Metrics:
-  """Averages over the tokens of each group (the unmasked ones where `token_mask`)."""
+             z_loss_coef: float, token_mask=None, chosen_GSE=None) -> Metrics:
+  """Averages over the tokens of each group (the unmasked ones where `token_mask`).
+  `chosen_GSE` (gated routers): the experts each token uses, for f of the load balance
+  (default: the top-1 of the logits)."""
   G, S, E = logits_GSE.shape
   w_GS = (jnp.ones((G, S), jnp.float32) if token_mask is None
           else token_mask.astype(jnp.float32))
   n_G = jnp.maximum(jnp.sum(w_GS, axis=1), 1.0)
   mean_S = lambda a_GS: jnp.sum(a_GS * w_GS, axis=1) / n_G  # noqa: E731  [G]
   p_GSE = jnp.exp(log_p_GSE)
-  top1_GSE = jax.nn.one_hot(jnp.argmax(logits_GSE, axis=-1), E, dtype=jnp.float32)
+  top1_GSE = (jax.nn.one_hot(jnp.argmax(logits_GSE, axis=-1), E, dtype=jnp.float32)
+              if chosen_GSE is None else chosen_GSE)
   f_GE = jnp.einsum('GSE,GS->GE', top1_GSE, w_GS) / n_G[:, None]
   P_GE = jnp.einsum('GSE,GS->GE', p_GSE, w_GS) / n_G[:, None]
   load_balance = jnp.mean(E * jnp.sum(f_GE * P_GE, axis=-1))
@@ -256,7 +430,10 @@ def _metrics(logits_GSE, log_p_GSE, routing: Routing, load_balance_coef: float,
   covered_GS = jax.vmap(lambda t, v: jnp.zeros(S, jnp.float32).at[t].max(v))(
       routing.token, valid_GP)
   dropped = jnp.mean(1.0 - covered_GS)
+  pairs_GS = jax.vmap(lambda t, v: jnp.zeros(S, jnp.float32).at[t].add(v))(
+      routing.token, valid_GP)
   return {
+      'experts_per_token': jnp.mean(mean_S(pairs_GS)),
       'aux_loss': load_balance_coef * load_balance + z_loss_coef * z_loss,
       'load_balance_loss': load_balance,
       'z_loss': z_loss,
@@ -275,5 +452,14 @@ ROUTERS: dict[str, Router] = {
                                            batch_priority=True),
     'expert_choice': functools.partial(_expert_choice, score='softmax'),
     'expert_choice_sigmoid': functools.partial(_expert_choice, score='sigmoid'),
+    'evomoe': functools.partial(_gated, gumbel=True),
+    'activation_gate': functools.partial(_gated, gumbel=False),
 }
 EXPERT_CHOICE = frozenset({'expert_choice', 'expert_choice_sigmoid'})
+GATED = frozenset({'evomoe', 'activation_gate'})  # take tau, step, key (`route`)
+TEMPERATURES = ('fixed', 'exponential', 'linear', 'learned')
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'identity': lambda x: x, 'sigmoid': jax.nn.sigmoid, 'tanh': jnp.tanh,
+    'gelu': jax.nn.gelu}
+GATE_FIELDS = ('temperature', 'tau', 'tau_min', 'tau_steps', 'threshold', 'hard_step',
+               'activation')

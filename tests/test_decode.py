@@ -25,6 +25,10 @@ CONFIGS = {
     'mot_all_qk': lambda: mot.get_config('tiny,qk_norm=1'),
     'mot_pre_moe': lambda: mot.get_config('tiny,norm=pre,moe=text,untie=ffn,attn'),
     'moiie': lambda: moiie.get_config('tiny,groups=2t3i,shared=1'),
+    # the dense-to-sparse gates route as at eval when decoding (schedules' end, no noise)
+    'moe_evomoe': lambda: moe.get_config('tiny,router=evomoe,experts=4'),
+    'moe_activation_gate': lambda: moe.get_config(
+        'tiny,router=activation_gate,activation=tanh,threshold=0.2,k=3,experts=4'),
     'mamba_hybrid_mom': lambda: mamba.get_config('tiny,untie=all,attn_every=2,chunk=8'),
 }
 

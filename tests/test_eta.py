@@ -21,7 +21,8 @@ def tiny_plan():
   return sweep.build_plan('tiny', data='')  # the configs' default dataset
 
 
-@pytest.mark.parametrize('preset', sorted(sweeps.PRESETS))
+@pytest.mark.parametrize('preset', sorted(p for p in sweeps.PRESETS
+                                           if 'runs' not in sweeps.PRESETS[p]))
 def test_every_preset_run_is_at_equal_active_flops(preset):
   plan = sweep.build_plan(preset)  # the preset's own dataset, as the sweep runs it
   assert all('data=scenes/' in r.config_arg for r in plan)
@@ -151,9 +152,11 @@ class FakeRunner:
   FLOPs; seed noise makes seeds differ). Raises KeyboardInterrupt at call `stop_at`;
   `fail` names runs whose training exits 1."""
 
-  def __init__(self, plan, *, stop_at=None, fail=(), key='excess', noise=0.002):
+  def __init__(self, plan, *, stop_at=None, fail=(), key='excess', noise=0.002,
+               true_eta=None):
     self.by_name = {r.name: r for r in plan}
     self.calls, self.stop_at, self.fail, self.key, self.noise = [], stop_at, fail, key, noise
+    self.true_eta = TRUE_ETA if true_eta is None else true_eta
 
   def __call__(self, argv, log_path, progress):
     if self.stop_at is not None and len(self.calls) == self.stop_at:
@@ -175,7 +178,7 @@ class FakeRunner:
     if run.kind == 'capacity':  # 10% better than dense at the same tokens
       e = 0.9 * excess_at(run.train_flops / run.flops_ratio)
     else:
-      e = excess_at(run.train_flops * (1.0 if run.kind == 'dense' else TRUE_ETA[name]))
+      e = excess_at(run.train_flops * (1.0 if run.kind == 'dense' else self.true_eta[name]))
     e *= 1 + self.noise * (1 if seed % 2 else -1)
     mods = {m: {'loss': e + 1.0, 'tokens': 100 if m == 'text' else 300,
                 **({self.key: e} if self.key == 'excess' else {})}
@@ -302,3 +305,54 @@ def test_interrupting_the_runner_lets_the_child_checkpoint(tmp_path):
   with pytest.raises(KeyboardInterrupt):
     sweep.subprocess_runner([sys.executable, '-c', code], str(tmp_path / 'log'), interrupt)
   assert saved.read_text() == 'ok'
+
+
+# --- Mixture-of-Mamba against a dense-Mamba curve (preset `mamba_tiny`) ----------------
+
+MAMBA_ETA = {'mom_all': 1.6, 'mom_in_out': 1.25}
+
+
+def test_the_mamba_preset_plans_mixture_of_mamba_against_dense_mamba():
+  plan = sweep.build_plan('mamba_tiny')  # its own dataset, as the sweep runs it
+  p = sweeps.PRESETS['mamba_tiny']
+  dense = [r for r in plan if r.kind == 'dense']
+  assert sorted(r.multiplier for r in dense) == sorted(p['dense_multipliers'])
+  assert {r.config_arg for r in dense} == {'configs/mamba.py:tiny,data=scenes/g3_k128'}
+  assert [r.name for r in plan if r.kind != 'dense'] == ['mom_all', 'mom_in_out']
+  assert plan[-1].name == 'mamba_4x'  # the late dense point, as in `tiny`
+  for r in plan:
+    assert sweep.load_config(r.config_arg).model.family == 'mamba'
+    assert r.flops_ok and abs(r.flops_ratio - 1) <= sweeps.FLOPS_TOLERANCE, r.name
+  mom = next(r for r in plan if r.name == 'mom_all')
+  assert sweep.load_config(mom.config_arg).model.mamba.untie == 'all'
+  assert mom.params > mom.active_params == dense[0].active_params  # untied, same per token
+  in_out = next(r for r in plan if r.name == 'mom_in_out')
+  assert sweep.load_config(in_out.config_arg).model.mamba.untie == 'in,out'
+  assert mom.params > in_out.params > dense[0].params
+  text = sweep.format_plan(plan, 'mamba_tiny', 2)
+  assert 'FAIL' not in text and 'mom_in_out' in text and 'mamba_1x' in text
+  # The transformer presets keep their runs.
+  assert [r.name for r in sweep.build_plan('tiny', data='')][:2] == ['dense_0.25x',
+                                                                     'dense_0.5x']
+
+
+def test_the_mamba_sweep_runs_resumes_and_reports_eta_against_dense_mamba(tmp_path):
+  plan = sweep.build_plan('mamba_tiny', data='')
+  out = str(tmp_path)
+  first = FakeRunner(plan, stop_at=4, true_eta=MAMBA_ETA)  # 2 runs complete
+  with pytest.raises(KeyboardInterrupt):
+    sweep.run_sweep(plan, out, 2, runner=first, progress=_quiet())
+  runner = FakeRunner(plan, true_eta=MAMBA_ETA)
+  result = sweep.run_sweep(plan, out, 2, runner=runner, progress=_quiet())
+  assert len(result['skipped']) == 2 and not result['failed']
+  assert len(result['done']) == 2 * len(plan) - 2
+  assert all('configs/mamba.py:tiny' in next(a for a in argv if a.startswith('--config='))
+             for argv in [r.argv('train.py', out, 0) for r in plan])
+  report = eta.report([r.as_dict() for r in plan], out, title='mamba', samples=100)
+  assert [d['name'] for d in report['dense']] == [f'mamba_{m:g}x' for m in
+                                                  sweeps.PRESETS['mamba_tiny'][
+                                                      'dense_multipliers']]
+  assert not report['missing'] and report['capacity'] is None
+  for name, true in MAMBA_ETA.items():
+    for panel in eta.PANELS:
+      assert report['runs'][name]['eta'][panel]['value'] == pytest.approx(true, rel=1e-6)

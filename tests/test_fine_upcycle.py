@@ -3,6 +3,8 @@ FFN cut into g slices, each cloned into E/g experts, zero routers and top-k (k a
 g) routing: the upcycled model computes the dense model's logits at step 0, the clones'
 co-firing is logged, and bad configs fail with one clear error before anything compiles."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -51,9 +53,19 @@ def _upcycled(new_cfg, src_cfg, src):
                                                                          _params(new_cfg, 1)))
 
 
+@functools.cache
+def _dense_source():
+  """tiny_config's dense model with distinct (noised) params, a batch and the model's
+  logits on it: the source of every upcycling case below, made once (read-only)."""
+  src = _params(tiny_config(), 0, noise=True)
+  batch = random_batch(4, 32)
+  want, _ = _logits_and_aux(tiny_config(), src, batch)
+  return src, batch, jax.device_get(want)
+
+
 def test_experts_are_the_slices_of_the_dense_ffn():
   src_cfg, new_cfg = tiny_config(), _moe('slices=4,experts=8,every=1')
-  src = _params(src_cfg, 0, noise=True)
+  src, _, _ = _dense_source()
   out = _upcycled(new_cfg, src_cfg, src)
   f = WIDTH // 4
   for i in range(2):
@@ -80,10 +92,8 @@ def test_experts_are_the_slices_of_the_dense_ffn():
 ])
 def test_upcycled_model_computes_the_dense_model_at_step_0(arg, cofire):
   src_cfg, new_cfg = tiny_config(), _moe(arg, **{'model.moe.jitter': 0.1})
-  src = _params(src_cfg, 0, noise=True)
+  src, batch, want = _dense_source()
   new = _upcycled(new_cfg, src_cfg, src)
-  batch = random_batch(4, 32)
-  want, _ = _logits_and_aux(src_cfg, src, batch)
   # Router jitter only scales the (zero-weighted) router input: still the same function.
   got, aux = _logits_and_aux(new_cfg, new, batch, jax.random.key(3))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

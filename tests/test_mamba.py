@@ -37,15 +37,17 @@ def numpy_scan(delta, A, Bm, Cm, x):
   return y, s
 
 
+@pytest.mark.parametrize('scan', ['associative', 'sequential'])
 @pytest.mark.parametrize('chunk', [1, 4, 5, 64])
-def test_chunked_scan_equals_the_recurrence_and_float64(chunk):
+def test_chunked_scan_equals_the_recurrence_and_float64(chunk, scan):
   rng = np.random.default_rng(0)
   B, E, N = 2, 6, 4
   delta = jnp.asarray(rng.uniform(0.01, 0.5, (B, L, E)), jnp.float32)
   A = -jnp.asarray(rng.uniform(0.5, 4, (E, N)), jnp.float32)
   Bm, Cm, x = (jnp.asarray(rng.normal(size=s), jnp.float32)
                for s in ((B, L, N), (B, L, N), (B, L, E)))
-  y, s = jax.jit(lambda *a: mamba.selective_scan(*a, chunk=chunk))(delta, A, Bm, Cm, x)
+  y, s = jax.jit(lambda *a: mamba.selective_scan(*a, chunk=chunk, scan=scan))(
+      delta, A, Bm, Cm, x)
   y_r, s_r = jax.jit(mamba.recurrent_scan)(delta, A, Bm, Cm, x)
   y_np, s_np = numpy_scan(delta, A, Bm, Cm, x)
   np.testing.assert_allclose(np.asarray(y), y_np, atol=1e-5, rtol=1e-5)
@@ -152,6 +154,8 @@ def test_bad_spec_is_one_clear_error():
     mamba.check_spec(mamba.MambaSpec(untie=frozenset({'ffn'})))
   with pytest.raises(ValueError, match='model.mamba.chunk must be >= 1'):
     mamba.check_spec(mamba.MambaSpec(chunk=0))
+  with pytest.raises(ValueError, match="model.mamba.scan='fast' is not one of"):
+    mamba.check_spec(mamba.MambaSpec(scan='fast'))
 
 
 def test_a_log_and_d_get_no_weight_decay():
@@ -177,3 +181,65 @@ def test_the_mamba_family_counts_its_parameters_and_trains(arg, data_dir, tmp_pa
   assert state_lib.count_params(params) == transformer.param_count(state_lib.model_spec(config))
   scalars = loop.train(config, str(tmp_path))
   assert np.isfinite(scalars['train/loss'])
+
+
+HYBRID_MOE = 'tiny,untie=all,attn_every=2,ffn=moe,experts=4,k=2,chunk=8'
+
+
+def test_the_hybrid_with_moe_ffns_counts_trains_decodes_and_reports_routing(data_dir,
+                                                                           tmp_path):
+  """`ffn=moe`: the hybrid's attention layers get the MoE layer (its metrics as the block's,
+  aux losses included), parameter counts match the built model, it trains, and a prefill
+  plus cached steps give the full causal pass (tests/test_decode.py's harness)."""
+  from configs import mamba as mamba_config
+  from models import dense, families, family as family_lib, transformer
+  from moe import layer as moe_layer
+  from training import loop, state as state_lib
+  from tests.helpers import random_batch, tiny_config
+  from tests.test_decode import cached_logits, full_logits
+  config = tiny_config(mamba_config.get_config(HYBRID_MOE), **{
+      'data.data_dir': data_dir, 'total_steps': 4, 'warmup_steps': 1, 'log_every': 2,
+      'checkpoint_every': 4, 'model.mamba.moe.mlp_dim': 64})
+  spec = state_lib.model_spec(config)
+  model = state_lib.make_model(config, 0)
+  assert [type(b).__name__ for b in model.blocks] == ['MambaBlock', 'Block']
+  assert isinstance(model.blocks[1], dense.Block)
+  assert isinstance(model.blocks[1].ffn, moe_layer.MoELayer)
+  assert state_lib.count_params(nnx.state(model)) == transformer.param_count(spec)
+  family = families.get('mamba')
+  attention = family_lib.attention_and_norm_params(spec)
+  router = 64 * 4
+  assert family.layer_params(spec, 1, False) == attention + 4 * 3 * 64 * 64 + router
+  assert family.layer_params(spec, 1, True) == attention + 2 * 3 * 64 * 64 + router  # k = 2
+  assert family.decode_unsupported(spec) is None
+
+  batch = {k: jnp.asarray(v) for k, v in random_batch(4, 24, seed=3).items()}
+  _, aux = model(batch, jax.random.key(0))
+  assert {'layer_1/aux_loss', 'layer_1/expert_load'} <= set(aux)
+  assert not [k for k in aux if k.startswith('layer_0/')]  # the Mamba block reports nothing
+  assert float(aux['layer_1/aux_loss']) > 0
+
+  tokens = batch['tokens']
+  want = np.asarray(full_logits(model, tokens))
+  got = cached_logits(model, tokens, 7, max_len=tokens.shape[1] + 5)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+  scalars = loop.train(config, str(tmp_path))
+  assert np.isfinite(scalars['train/loss'])
+
+
+def test_moe_ffn_settings_are_checked():
+  from configs import mamba as mamba_config
+  from models import families
+  from training import state as state_lib
+  from training.validate import validate
+  with pytest.raises(ValueError, match='ffn=moe.*attn_every > 0'):
+    validate(mamba_config.get_config('tiny,ffn=moe'), 1)
+  c = mamba_config.get_config('tiny,attn_every=2,ffn=mlp')
+  with pytest.raises(ValueError, match=r"model.mamba.ffn='mlp' is not one of"):
+    validate(c, 1)
+  c = mamba_config.get_config('tiny,attn_every=2,ffn=moe')
+  c.model.mamba.moe.router, c.model.mamba.moe.dispatch = 'expert_choice', 'capacity'
+  validate(c, 1)
+  reason = families.get('mamba').decode_unsupported(state_lib.model_spec(c))
+  assert 'model.mamba.moe.router' in reason

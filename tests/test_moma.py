@@ -1,6 +1,7 @@
 """MoMa (models/moma.py) and mixture-of-depths (models/mod.py): routing against plain
 references, modality isolation, causality of the auxiliary routers, sharded == unsharded."""
 
+import functools
 import math
 
 import jax
@@ -216,14 +217,23 @@ def test_aux_stage_trains_only_the_aux_routers():
   assert float(metrics['loss']) > 0  # the BCE of the aux routers
 
 
+SHARDED_OVERRIDES = {'model.moma.mlp_dim': 32, 'batch_size': 8}
+
+
+@functools.cache
+def _unsharded_loss_and_grads():
+  """The one-device reference, computed once for both meshes it is compared on."""
+  return loss_and_grads(moma_tiny('tiny,mod=1', **SHARDED_OVERRIDES, **{'mesh.data': 1}),
+                        jax.devices()[:1])
+
+
 @pytest.mark.parametrize('shape', [(2, 1, 4, 1), (1, 2, 2, 2)])  # data x expert; + fsdp, tensor
 def test_sharded_equals_unsharded(shape):
-  over = {'model.moma.mlp_dim': 32, 'batch_size': 8}
-  ref_loss, ref_grads, _ = loss_and_grads(
-      moma_tiny('tiny,mod=1', **over, **{'mesh.data': 1}), jax.devices()[:1])
+  ref_loss, ref_grads, _ = _unsharded_loss_and_grads()
   loss, grads, _ = loss_and_grads(
-      moma_tiny('tiny,mod=1', **over, **{f'mesh.{a}': s for a, s in
-                                         zip(partitioning.MESH_AXES, shape)}), jax.devices())
+      moma_tiny('tiny,mod=1', **SHARDED_OVERRIDES,
+                **{f'mesh.{a}': s for a, s in zip(partitioning.MESH_AXES, shape)}),
+      jax.devices())
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
                grads, ref_grads)

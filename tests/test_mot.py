@@ -1,6 +1,8 @@
 """Mixture-of-Transformers (models/mot.py): equal weights give the dense model, modality
 isolation of gradients, ablation subsets, MoT + MoE, sharded == unsharded."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,12 +162,17 @@ def test_text_moe_routes_only_text_tokens():
   assert 'layer_0/expert_load' in aux and aux['layer_0/expert_load'].shape == (4,)
 
 
+@functools.cache
+def _unsharded_loss_and_grads(arg):
+  """The one-device reference of `arg`, computed once for all the meshes it is compared on."""
+  return loss_and_grads(mot_tiny(arg, **{'mesh.data': 1}), jax.devices()[:1])
+
+
 @pytest.mark.parametrize('arg, shape', [
     ('tiny,qk_norm=1', (2, 2, 1, 2)), ('tiny,qk_norm=1', (1, 2, 1, 4)),
     ('tiny,untie=ffn,attn,moe=text', (2, 1, 2, 2))])
 def test_sharded_equals_unsharded(arg, shape):
-  ref_loss, ref_grads, _ = loss_and_grads(mot_tiny(arg, **{'mesh.data': 1}),
-                                          jax.devices()[:1])
+  ref_loss, ref_grads, _ = _unsharded_loss_and_grads(arg)
   loss, grads, _ = loss_and_grads(
       mot_tiny(arg, **{f'mesh.{a}': s for a, s in zip(partitioning.MESH_AXES, shape)}),
       jax.devices())

@@ -24,7 +24,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from configs import common
+from configs import common, moe as moe_configs
 from training import storage
 
 ITEMS = ('state', 'data', 'meta')
@@ -70,6 +70,8 @@ LEGACY_DEFAULTS = {
     'model.moe.num_experts_per_layer': _if_saved_has('model.moe.num_experts', ''),
     'model.moe.slices': _if_saved_has('model.moe.num_experts', 0),
     'model.attn_gate': lambda saved: 'none',
+    **{k: _if_saved_has(moe_configs.PRESENCE_KEY, v) for k, v in
+       moe_configs.LEGACY_DEFAULTS.items()},
     **{f'eval.generation.{k}': (lambda v: lambda saved: v)(v)
        for k, v in common.generation_config().items()},
 }

@@ -240,7 +240,7 @@ class LMEval:
     self.ctx, self.names = ctx, tokenizer.MODALITIES
     self.fn = jax.jit(functools.partial(step_lib.eval_step, graphdef=ctx.layout.graphdef,
                                         num_modalities=len(self.names),
-                                        attention_stats=True))
+                                        attention_stats=True, step=np.int32(ctx.step)))
     self.totals = _Totals(len(self.names))
     self.unigram = np.zeros((len(self.names), ctx.config.model.vocab_size))
     self.attention = {}  # transformer.ATTENTION_STATS: sums, and the max

@@ -80,7 +80,9 @@ def frozen_mask(params, stage: str = 'main'):
 
 
 # Without weight decay though 2-D: Mamba's state matrix (SPEC §5) and dt bias (untied: [M, E]).
-NO_DECAY = ('A_log', 'dt_b')
+# Parameters without weight decay whatever their rank: Mamba's state matrix and dt bias, and
+# every norm's `scale` (a modality-untied norm's scale is [M, D], a matrix by rank only).
+NO_DECAY = ('A_log', 'dt_b', 'scale')
 
 
 def decay_mask(params):

@@ -88,9 +88,10 @@ def aux_router_loss(ce, aux: dict) -> jax.Array:
 LOSSES = {'lm': lm_loss, 'aux_router': aux_router_loss}  # training/stages.py `loss`
 
 
-def loss_fn(params, graphdef, batch, num_modalities: int, rng=None, stage: str = 'main'):
+def loss_fn(params, graphdef, batch, num_modalities: int, rng=None, stage: str = 'main',
+            step=None):
   model = nnx.merge(graphdef, params)
-  logits, aux = model(batch, rng)
+  logits, aux = model(batch, rng, step=step)
   stats = token_stats(logits, batch, num_modalities)
   ce = stats['loss_sum'].sum() / jnp.maximum(stats['count'].sum(), 1.0)
   return LOSSES[stages.STAGES[stage].loss](ce, aux), (ce, stats, aux)
@@ -105,12 +106,13 @@ def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation,
   """One optimizer step. Returns the new state and scalar/vector metrics (on device).
 
   Stochastic parts of the model (router jitter) draw from fold_in(key(seed), step), so a
-  resumed run repeats exactly what the uninterrupted one would have done.
+  resumed run repeats exactly what the uninterrupted one would have done; the model also
+  gets the step itself (the dense-to-sparse gates' schedules).
   """
   rng = jax.random.fold_in(jax.random.key(seed), state['step'])
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (loss, (ce, stats, aux)), grads = grad_fn(state['params'], graphdef, batch, num_modalities,
-                                            rng, stage)
+                                            rng, stage, state['step'])
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
   metrics = {
@@ -124,13 +126,14 @@ def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation,
 
 
 def eval_step(params, batch, *, graphdef, num_modalities: int, causal: bool = False,
-              attention_stats: bool = False):
+              attention_stats: bool = False, step=None):
   """Per-modality loss/accuracy sums of one batch, plus the model's aux metrics; with a
   `floor` in the batch also `floor_stats` (as 'floor/<name>').
   `causal`: MoMa routes with its auxiliary routers (the decode-time function).
-  `attention_stats`: aux also holds the decoder's ATTENTION_STATS (sink, peak activation)."""
+  `attention_stats`: aux also holds the decoder's ATTENTION_STATS (sink, peak activation).
+  `step`: the checkpoint's training step (the dense-to-sparse gates' schedules)."""
   model = nnx.merge(graphdef, params)
-  logits, aux = model(batch, causal=causal, attention_stats=attention_stats)
+  logits, aux = model(batch, step=step, causal=causal, attention_stats=attention_stats)
   stats = token_stats(logits, batch, num_modalities)
   if 'floor' in batch:
     stats.update({f'floor/{k}': v for k, v in

@@ -156,11 +156,13 @@ def _fmt_mult(m: float) -> str:
 
 
 def build_plan(preset: str | dict, *, data: str | None = None, check: bool = True,
-               runs: tuple = sweeps.RUNS) -> list[PlannedRun]:
+               runs: tuple | None = None) -> list[PlannedRun]:
   """The preset's runs in training order (dense points at each multiplier, late ones after
-  the sparse runs). `data`: dataset variant ('' = the configs' default, None = preset's).
-  `check`: raise ValueError naming every run off the dense FLOPs per token by more than 1%."""
+  the sparse runs). `runs`: default the preset's `runs`, else sweeps.RUNS. `data`: dataset
+  variant ('' = the configs' default, None = preset's). `check`: raise ValueError naming
+  every run off the dense FLOPs per token by more than 1%."""
   p = sweeps.PRESETS[preset] if isinstance(preset, str) else preset
+  runs = runs or p.get('runs', sweeps.RUNS)
   data = p['data'] if data is None else data
   dense_arg = _config_arg(next(r for r in runs if r['kind'] == 'dense'), p['size'], data)
   try:

@@ -6,7 +6,8 @@ task's own resolution and text length -> eval.json `tasks`.
              "contrastive/zeroshot":     {"metric": "accuracy", ...},
              "contrastive/i2t":          {"metric": "recall@1", ...},
              "contrastive/t2i":          {"metric": "recall@1", ...},
-             "caption":                  {"metric": "loss", ...}}}
+             "caption":                  {"metric": "loss", ...}},
+   "attention": {"sink_share", "max_activation", "task"}}   (`attention_stats`)
 
 Per task kind:
   classify     top-1 accuracy of the task's classifier head.
@@ -42,7 +43,7 @@ from projects.imp import tasks as imp_tasks
 from projects.imp import train as imp_loop
 from projects.imp.validate import validate
 from training import plots
-from training.evaluate import restore_latest, unigram_entropy, write_report
+from training.evaluate import attention_report, restore_latest, unigram_entropy, write_report
 
 HIGHER_IS_BETTER = {'accuracy': True, 'recall@1': True, 'loss': False}
 
@@ -103,6 +104,24 @@ def _caption(params, batch, *, graphdef, vocab_size: int):
   return metrics['task_loss'] * n, n, counts
 
 
+def _attention(params, batch, *, graphdef, kind: str):
+  """The image encoder with `attention_stats` on: sums for eval.json `attention` (sink
+  share: attention on patch 0 from the other patches, over heads and layers; the residual
+  stream's peak |x|), keyed as transformer.ATTENTION_STATS."""
+  model = nnx.merge(graphdef, params)
+  model.set_attributes(attention_stats=True, raise_if_not_found=False)
+  image = imp_loop.model_batch(kind, batch)['image']
+  _, sown = nnx.capture(lambda m, x: m.encode_image(x), nnx.Intermediate)(model, image)
+  total = count = peak = jnp.zeros((), jnp.float32)
+  for path, variable in nnx.to_flat_state(sown):
+    for value in variable.get_value():
+      if path[-1] == 'sink':  # [B, N]: queries after the first
+        total, count = total + jnp.sum(value[:, 1:]), count + value[:, 1:].size
+      elif path[-1] == 'peak':
+        peak = jnp.maximum(peak, value)
+  return total[None], count[None], peak[None]
+
+
 class _Runner:
   """Reads a task's eval batches and runs the jitted functions on them."""
 
@@ -115,6 +134,8 @@ class _Runner:
     self.classify = {h: jit(_classify, head=h) for h in config.model.imp.classifiers}
     self.embed, self.embed_text = jit(_embed), jit(_embed_text)
     self.caption = jit(_caption, vocab_size=config.model.vocab_size)
+    self.attention = {kind: jit(_attention, kind=kind)
+                      for kind in ('classify', 'contrastive', 'caption')}
 
   def batches(self, name, task, labels: bool):
     task = ml_collections.ConfigDict(task.to_dict())
@@ -184,14 +205,30 @@ def evaluate_tasks(config, mesh, graphdef, params) -> dict:
   return out
 
 
+def attention_stats(config, mesh, graphdef, params) -> dict:
+  """eval.json `attention` (docs/gates.md), for gated and ungated encoders alike: the image
+  encoder's sink share (attention on patch 0 from the other patches, averaged over heads,
+  layers and queries) and the residual stream's peak |x|, on the first task's eval images
+  (`task` names it)."""
+  runner = _Runner(config, mesh, graphdef, params)
+  name, task = next(iter(imp_loop.task_specs(config).items()))
+  with jax.set_mesh(mesh):
+    (sink, count, peak), _ = runner.run(runner.attention[task.kind], name, task)
+  return {**attention_report({'attention/sink_sum': float(sink.sum()),
+                              'attention/sink_count': float(count.sum()),
+                              'attention/max_activation': float(peak.max())}),
+          'task': name}
+
+
 
 def evaluate(config, workdir: str) -> dict:
   """IMP's eval.py: every task of the newest checkpoint in WORKDIR -> eval.json `tasks` and
   task_curves.png."""
   validate(config, jax.device_count())
   mesh, layout, state, step = restore_latest(config, workdir)
-  report = {'step': step, 'tasks': evaluate_tasks(config, mesh, layout.graphdef,
-                                                  state['params'])}
+  report = {'step': step,
+            'tasks': evaluate_tasks(config, mesh, layout.graphdef, state['params']),
+            'attention': attention_stats(config, mesh, layout.graphdef, state['params'])}
   write_report(workdir, report)
   if jax.process_index() == 0:
     plots.plot_task_curves(workdir)

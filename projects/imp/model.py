@@ -289,6 +289,8 @@ class EncoderAttention(nnx.Module):
     g_shape, g_axes = layers.gate_shape(spec.attn_gate, H, K)  # W_g: gated only
     self.wg = (partitioning.param(rngs, init, (D,) + g_shape, ('embed',) + g_axes, pdtype)
                if g_shape else None)
+    # eval only (projects/imp/evaluate.py `attention_stats`): sow each query's sink share
+    self.attention_stats = False
 
   def __call__(self, x_BTD: jax.Array, mask_BTT: jax.Array) -> jax.Array:
     """`mask_BTT` (bool, query x key): every query must keep at least one key."""
@@ -305,6 +307,9 @@ class EncoderAttention(nnx.Module):
     q, k, v = constrain(q, heads), constrain(k, heads), constrain(v, heads)
     o = jax.nn.dot_product_attention(q, k, v, mask=mask_BTT[:, None],
                                      implementation=self.implementation)
+    if self.attention_stats:  # static: training never computes this
+      self.sow(nnx.Intermediate, 'sink', layers.sink_share(q, k, mask_BTT, causal=False),
+               capture_noop=True)
     if self.wg is not None:
       o = layers.apply_gate(o, constrain(project(self.wg), heads))
     o = constrain(o, heads)
@@ -347,6 +352,7 @@ class Encoder(nnx.Module):
                                          rngs=rngs) for i in range(spec.num_layers)])
     self.final_norm = layers.RMSNorm(spec.embed_dim, param_dtype=dtype_of(spec.param_dtype),
                                      rngs=rngs)
+    self.attention_stats = False  # eval only (projects/imp/evaluate.py `attention_stats`)
 
   def __call__(self, x_BTD: jax.Array, mask_BTT: jax.Array, rng: jax.Array | None = None,
                valid_BT: jax.Array | None = None):
@@ -360,6 +366,10 @@ class Encoder(nnx.Module):
       block_rng = None if rng is None else jax.random.fold_in(rng, i)
       x_BTD, block_aux = call(block, x_BTD, mask_BTT, block_rng, valid_BT)
       aux.update({f'layer_{i}/{k}': v for k, v in block_aux.items()})
+      if self.attention_stats:  # eval only: the residual stream's peak over valid tokens
+        valid = 1.0 if valid_BT is None else valid_BT[..., None].astype(jnp.float32)
+        peak = jnp.max(jnp.abs(x_BTD.astype(jnp.float32)) * valid)
+        self.sow(nnx.Intermediate, 'peak', peak, capture_noop=True)
     return self.final_norm(x_BTD), aux
 
 
