@@ -44,8 +44,9 @@ eval: venv
 	$(PY) eval.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
 # pytest on 8 fake CPU devices (tests/conftest.py sets them up), in TEST_WORKERS pytest-xdist
-# processes (2: the suite is mostly single-threaded XLA compiles; ~30 min on 2 cores:
-# `bash .ci/run` from a fresh clone, 2026-12-02: 610 tests in 1825 s, plus ~1.5 min of venv).
+# processes (2: the suite is mostly single-threaded XLA compiles; ~27 min on 2 cores, with
+# one persistent compilation cache per run: `bash .ci/run` from a fresh clone, 2026-12-02:
+# 658 tests in 1525 s, 27 min with the venv, beside a niced training run).
 TEST_WORKERS ?= 2
 test: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 tests
