@@ -134,8 +134,6 @@ class _Runner:
     self.classify = {h: jit(_classify, head=h) for h in config.model.imp.classifiers}
     self.embed, self.embed_text = jit(_embed), jit(_embed_text)
     self.caption = jit(_caption, vocab_size=config.model.vocab_size)
-    self.attention = {kind: jit(_attention, kind=kind)
-                      for kind in ('classify', 'contrastive', 'caption')}
 
   def batches(self, name, task, labels: bool):
     task = ml_collections.ConfigDict(task.to_dict())
@@ -212,8 +210,10 @@ def attention_stats(config, mesh, graphdef, params) -> dict:
   (`task` names it)."""
   runner = _Runner(config, mesh, graphdef, params)
   name, task = next(iter(imp_loop.task_specs(config).items()))
+  fn = jax.jit(functools.partial(_attention, graphdef=graphdef, kind=task.kind),
+               out_shardings=runner.replicated)
   with jax.set_mesh(mesh):
-    (sink, count, peak), _ = runner.run(runner.attention[task.kind], name, task)
+    (sink, count, peak), _ = runner.run(fn, name, task)
   return {**attention_report({'attention/sink_sum': float(sink.sum()),
                               'attention/sink_count': float(count.sum()),
                               'attention/max_activation': float(peak.max())}),
