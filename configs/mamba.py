@@ -7,9 +7,14 @@ docs/mamba.md):
   python train.py --config=configs/mamba.py:tiny --workdir=runs/mamba_tiny
   python train.py --config=configs/mamba.py:tiny,untie=all --workdir=runs/mom_tiny
   python eval.py --workdir=runs/mom_tiny
-A hybrid whose attention layers (every 2nd) have a MoE FFN:
+A hybrid whose attention layers (every 2nd) have a MoE FFN, or MoMa's modality-grouped
+expert-choice FFN (then its auxiliary routers, for generation and eval's causal pass):
   python train.py --config=configs/mamba.py:tiny,untie=all,attn_every=2,ffn=moe \
       --workdir=runs/mom_hybrid_moe
+  python train.py --config=configs/mamba.py:tiny,untie=all,attn_every=2,ffn=moma \
+      --workdir=runs/mom_hybrid_moma
+  python train.py --config=configs/mamba.py:tiny,untie=all,attn_every=2,ffn=moma,stage=aux \
+      --workdir=runs/mom_hybrid_moma
 
 Args: a size from configs/common.py SIZES (twice its layers: a Mamba block has about half a
 transformer layer's parameters at expand 2), then variants:
@@ -20,19 +25,25 @@ transformer layer's parameters at expand 2), then variants:
                   associative | sequential
   attn_every=0    a hybrid: a transformer block (attention + SwiGLU) every n-th layer
   ffn=dense       the hybrid's attention layers' FFN: dense (SwiGLU) | moe (moe/layer.py,
-                  `model.mamba.moe`: token-choice top-k, dropless; needs attn_every > 0)
+                  `model.mamba.moe`: token-choice top-k, dropless) | moma (models/moma.py,
+                  `model.mamba.moma`: configs/moma.py's keys, pre-norm); moe and moma need
+                  attn_every > 0
   experts=4 k=1   ffn=moe: experts per layer and per token (each as wide as the dense FFN:
                   k = 1 is the dense FFN's active FLOPs)
+  groups=4t4i     ffn=moma: experts per modality (expert choice, c = 1 / experts: one
+                  expert's FLOPs per token on average)
+  stage=main      main | aux (ffn=moma: train the auxiliary routers of a finished main run,
+                  configs/moma.py AUX_STAGE)
   data=shapes     the embedded dataset: shapes (mm_shapes) | scenes | scenes/g3_k128
 """
 
 import ml_collections
 
-from configs import common
+from configs import common, moma
 
 VARIANTS = {**common.MODEL_VARIANTS, 'untie': 'none', 'state': '16', 'conv': '4',
             'expand': '2', 'chunk': '64', 'scan': 'auto', 'attn_every': '0', 'ffn': 'dense',
-            'experts': '4', 'k': '1'}
+            'experts': '4', 'k': '1', 'groups': '4t4i', 'stage': 'main'}
 
 
 def get_config(arg: str = 'tiny'):
@@ -49,7 +60,7 @@ def get_config(arg: str = 'tiny'):
       chunk=common.parse_int(v, 'chunk', minimum=1),
       scan=v['scan'],  # inside a chunk: auto (sequential on CPU) | associative | sequential
       attn_every=common.parse_int(v, 'attn_every'),
-      ffn=v['ffn'],  # dense | moe: the FFN of the hybrid's attention layers
+      ffn=v['ffn'],  # dense | moe | moma: the FFN of the hybrid's attention layers
       moe=ml_collections.ConfigDict(dict(  # ffn=moe (the keys of configs/moe.py's block)
           num_experts=common.parse_int(v, 'experts', minimum=1),
           k=common.parse_int(v, 'k', minimum=1), router='topk_softmax', renormalize=False,
@@ -57,5 +68,39 @@ def get_config(arg: str = 'tiny'):
           mlp_dim=c.model.mlp_dim,  # each expert as wide as the dense FFN
           group_size=0, load_balance_coef=0.01, z_loss_coef=1e-3, jitter=0.0,
           num_shared_experts=0, residual=False)),
+      moma=moma.moma_block(groups=v['groups'], mlp_dim=c.model.mlp_dim, norm='pre', mod=None),
   ))
+  moma.set_stage(c, size, v['stage'])
   return c
+
+
+# A saved config with this key is a Mamba run; the keys added to the family since its first
+# runs, with the values that reproduce a run from before them (training/checkpoint.py
+# LEGACY_DEFAULTS): (saved flat config) -> value, or None for other families' configs.
+PRESENCE_KEY = 'model.mamba.state'
+_ADDED = ('model.mamba.scan', 'model.mamba.ffn', 'model.mamba.moe.', 'model.mamba.moma.',
+          'stage')
+
+
+def _legacy_defaults() -> dict:
+  flat = {}
+
+  def walk(d, prefix):
+    for k, v in d.items():
+      if isinstance(v, ml_collections.ConfigDict):
+        walk(v, f'{prefix}{k}.')
+      else:
+        flat[prefix + k] = v
+  walk(get_config('tiny'), '')
+  out = {}
+  for key, value in flat.items():
+    if not any(key == a or (a.endswith('.') and key.startswith(a)) for a in _ADDED):
+      continue
+    if key.endswith('.mlp_dim'):  # the experts are as wide as the model's dense FFN
+      out[key] = lambda saved: saved['model.mlp_dim'] if PRESENCE_KEY in saved else None
+    else:
+      out[key] = (lambda v: lambda saved: v if PRESENCE_KEY in saved else None)(value)
+  return out
+
+
+LEGACY_DEFAULTS = _legacy_defaults()

@@ -42,30 +42,46 @@ def get_config(arg: str = 'tiny'):
   size, v = common.parse_arg(arg, allowed=VARIANTS)
   c = common.base_config(size, v['data'], attn_gate=v['attn_gate'])
   c.model.family = 'moma'
-  c.model.moma = ml_collections.ConfigDict(dict(
-      groups=v['groups'],  # experts per modality
-      capacity='',  # c_e of every modality group; '' = 1 / (experts of the group)
-      router=v['router'],  # expert_choice (paper) | topk (token choice inside groups)
-      k=1,  # topk only
-      mlp_dim=c.model.mlp_dim,  # F of each expert (the dense FFN's width)
-      group_sequences=1,  # sequences per routing group
-      shared_experts=common.parse_int(v, 'shared'),  # MoIIE pool size (0 = none)
-      shared_capacity='',  # c of the pool; '' = 1 / shared_experts
-      gumbel=bool(v['upcycle_from']),  # Gumbel-sigmoid routing noise while training
-      load_balance_coef=0.01,  # topk only
-      norm=v['norm'],
-      mod=ml_collections.ConfigDict(dict(
-          enabled=common.parse_bool(v, 'mod'),
-          capacity=0.25,  # c_d
-          every=2,  # MoD in layers 0, 2, 4, ...
-          scale=True,  # scale the layer's update by the router weight
-      )),
-  ))
-  c.stage = v['stage']  # main | aux
+  c.model.moma = moma_block(groups=v['groups'], mlp_dim=c.model.mlp_dim, router=v['router'],
+                            shared=common.parse_int(v, 'shared'), norm=v['norm'],
+                            gumbel=bool(v['upcycle_from']), mod=common.parse_bool(v, 'mod'))
+  set_stage(c, size, v['stage'])
   c.upcycle_from = v['upcycle_from']  # '' or the workdir of a dense/1t1i run
-  if c.stage == 'aux':
+  return c
+
+
+def set_stage(c, size: str, stage: str) -> None:
+  """config.stage (main | aux); the aux stage's schedule (AUX_STAGE) for the aux routers."""
+  c.stage = stage
+  if stage == 'aux':
     c.update(AUX_STAGE[size])
     c.end_lr_factor = 0.01
     c.log_every = min(c.log_every, 25)
     c.checkpoint_every = c.total_steps
-  return c
+
+
+def moma_block(*, groups: str, mlp_dim: int, router: str = 'expert_choice', shared: int = 0,
+               norm: str = 'res_post', gumbel: bool = False, mod: bool | None = False):
+  """The MoMa FFN's keys (`model.moma`; a Mamba hybrid's `model.mamba.moma`). mod=None: no
+  mixture-of-depths block (the hybrid has none)."""
+  block = ml_collections.ConfigDict(dict(
+      groups=groups,  # experts per modality
+      capacity='',  # c_e of every modality group; '' = 1 / (experts of the group)
+      router=router,  # expert_choice (paper) | topk (token choice inside groups)
+      k=1,  # topk only
+      mlp_dim=mlp_dim,  # F of each expert (the dense FFN's width)
+      group_sequences=1,  # sequences per routing group
+      shared_experts=shared,  # MoIIE pool size (0 = none)
+      shared_capacity='',  # c of the pool; '' = 1 / shared_experts
+      gumbel=gumbel,  # Gumbel-sigmoid routing noise while training
+      load_balance_coef=0.01,  # topk only
+      norm=norm,
+  ))
+  if mod is not None:
+    block.mod = ml_collections.ConfigDict(dict(
+        enabled=mod,
+        capacity=0.25,  # c_d
+        every=2,  # MoD in layers 0, 2, 4, ...
+        scale=True,  # scale the layer's update by the router weight
+    ))
+  return block

@@ -28,8 +28,10 @@ sequence, its state crossing modality switches.
 A hybrid (`attn_every` = n): every n-th layer is the dense family's transformer block
 (attention + SwiGLU); with `ffn=moe` its SwiGLU is a MoE layer (moe/layer.py, the MoE
 family's, built from `model.mamba.moe`), the block's `rng` passed to it as it came and its
-router metrics and aux losses returned as the block's metrics. The Mamba blocks stay
-FFN-free.
+router metrics and aux losses returned as the block's metrics; with `ffn=moma` the layer is
+the MoMa family's block (models/moma.py MoMaBlock: modality-grouped expert-choice experts,
+built from `model.mamba.moma`, with its auxiliary routers and their `aux` stage for causal
+routing). The Mamba blocks stay FFN-free.
 
 Decoding (models/generate.py): the block's cache is its conv window (the last K - 1 conv
 inputs) and its state [B, E, N]; `decode` continues both over the new tokens.
@@ -47,11 +49,12 @@ from flax import nnx
 from core import layers, partitioning
 from core.partitioning import constrain
 from data import tokenizer
-from models import dense as dense_lib, family as family_lib, moe_ffn
+from models import dense as dense_lib, family as family_lib, moe_ffn, moma as moma_lib
 from moe import layer as moe_layer, rows
 
 UNTIE = ('in', 'x', 'dt', 'out')
-FFNS = ('dense', 'moe')  # model.mamba.ffn: the hybrid attention layers' FFN
+FFNS = ('dense', 'moe', 'moma')  # model.mamba.ffn: the hybrid attention layers' FFN
+FFN_NAMES = {'dense': 'SwiGLU', 'moe': 'MoE', 'moma': 'MoMa'}
 SCANS = ('auto', 'associative', 'sequential')  # model.mamba.scan: inside each chunk
 UNROLL = 8  # time steps per iteration of the sequential chunk scan
 
@@ -328,6 +331,8 @@ def is_attention_layer(spec, layer: int) -> bool:
 def _block(spec, layer, rngs):
   if not is_attention_layer(spec, layer):
     return MambaBlock(spec, spec.ext['mamba'], rngs=rngs)
+  if spec.moma is not None:
+    return moma_lib.MoMaBlock(spec, layer, num_modalities=spec.num_modalities, rngs=rngs)
   moe = spec.ext['moe']
   if moe is None:
     return dense_lib.Block(spec, rngs=rngs)
@@ -349,6 +354,9 @@ def _mixer_params(spec, active: bool) -> dict[str, float]:
 def _layer_params(spec, layer: int, active: bool) -> float:
   if not is_attention_layer(spec, layer):
     return sum(_mixer_params(spec, active).values())
+  if spec.moma is not None:
+    return (family_lib.attention_and_norm_params(spec)
+            + moma_lib.ffn_params(spec.moma, spec.embed_dim, active))
   if spec.ext['moe'] is None:
     return dense_lib.layer_params(spec, layer, active)
   return (family_lib.attention_and_norm_params(spec)
@@ -360,6 +368,9 @@ def _layer_summary(spec, layer: int) -> str:
   if not is_attention_layer(spec, layer):
     return 'mamba' + (' untie=' + ','.join(sorted(spec.ext['mamba'].untie))
                       if spec.ext['mamba'].untie else '')
+  if spec.moma is not None:
+    groups = ' '.join(f'{g.name}:{g.experts}' for g in spec.moma.groups)
+    return f'attention + moma {groups} {spec.moma.router} F={spec.moma.mlp_dim}'
   moe = spec.ext['moe']
   if moe is None:
     return f'attention + dense F={spec.mlp_dim}'
@@ -399,16 +410,22 @@ def _validate(config, sizes) -> None:
   ffn = mc.get('ffn', 'dense')  # configs saved before the key: dense
   if ffn not in FFNS:
     raise ValueError(f'config.model.mamba.ffn={ffn!r} is not one of {FFNS}')
+  if ffn != 'dense' and not mc.attn_every:
+    raise ValueError(f"config.model.mamba.ffn={ffn} puts the {FFN_NAMES[ffn]} FFN in the "
+                     "hybrid's attention layers: set config.model.mamba.attn_every > 0")
   if ffn == 'moe':
     _validate_moe(config, sizes)
+  spec = (moma_lib.validate_block(mc.moma, config, sizes, key='model.mamba.moma')
+          if ffn == 'moma' else None)
+  if config.get('stage', 'main') == 'aux' and not (spec and spec.aux_groups()):
+    raise ValueError("config.stage='aux' trains the auxiliary routers of a hybrid's MoMa "
+                     "FFNs (model.mamba.ffn=moma with router=expert_choice); this model has "
+                     "none")
 
 
 def _validate_moe(config, sizes) -> None:
   """`ffn=moe`: the MoE block's keys, the MoE layer's own checks, and a hybrid to put it in."""
   mc = config.model.mamba
-  if not mc.attn_every:
-    raise ValueError('config.model.mamba.ffn=moe puts the MoE FFN in the hybrid\'s attention '
-                     'layers: set config.model.mamba.attn_every > 0')
   moe_ffn.check_moe_block(mc.moe, 'model.mamba.moe')
   if mc.moe.mlp_dim % sizes['tensor']:
     raise ValueError(f"config.model.mamba.moe.mlp_dim={mc.moe.mlp_dim} is not divisible by "
@@ -424,12 +441,14 @@ def _validate_moe(config, sizes) -> None:
 
 
 def _spec_fields(model_cfg, stage: str) -> dict:
-  del stage
   mc = model_cfg.mamba
+  ffn = mc.get('ffn', 'dense')
   moe = (moe_ffn.moe_spec_from_config(mc.moe, model_cfg.grouped_impl)
-         if mc.get('ffn', 'dense') == 'moe' else None)
+         if ffn == 'moe' else None)
+  moma = (moma_lib.moma_spec_from_config(mc.moma, train_aux=stage == 'aux')
+          if ffn == 'moma' else None)
   return {'ext': {'mamba': mamba_spec_from_config(mc), 'attn_every': mc.attn_every,
-                  'moe': moe}}
+                  'moe': moe}, 'moma': moma}
 
 
 FAMILY = family_lib.Family(
@@ -444,4 +463,7 @@ FAMILY = family_lib.Family(
                                      moe_ffn.decode_unsupported_moe(spec.ext['moe'],
                                                                     'model.mamba.moe')),
     layer_summary=_layer_summary,
+    expert_names=lambda spec: None if spec.moma is None else spec.moma.expert_names(),
+    stages=('main', 'aux'),  # aux: the MoMa FFNs' auxiliary routers (ffn=moma)
+    evaluators=('lm', 'causal', 'generation'),
 )

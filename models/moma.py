@@ -297,7 +297,7 @@ def _spec_fields(model_cfg, stage: str) -> dict:
           'mod': mod_spec_from_config(model_cfg.moma.mod)}
 
 
-def _ffn_params(spec: MoMaSpec, embed_dim: int, active: bool) -> float:
+def ffn_params(spec: MoMaSpec, embed_dim: int, active: bool) -> float:
   """One MoMa FFN. Active: a token of modality m goes through c_m * E_m experts of its group
   on average (1 with the default c), plus c_s * E_s of the shared pool. Aux routers are not
   active (they only run at causal inference)."""
@@ -321,7 +321,7 @@ def _layer_params(spec, layer: int, active: bool) -> float:
   """Attention, norms and the MoMa FFN; a MoD layer is active for a fraction c_d of the
   tokens and adds its router (D x 1) and aux router (D x D/2 + D/2)."""
   d = spec.embed_dim
-  n = family_lib.attention_and_norm_params(spec) + _ffn_params(spec.moma, d, active)
+  n = family_lib.attention_and_norm_params(spec) + ffn_params(spec.moma, d, active)
   if _is_mod(spec, layer):
     n = n * spec.mod.capacity + d if active else n + d + d * (d // 2) + d // 2
   return n
@@ -340,33 +340,42 @@ def _matmul_params(spec, layer: int, active_params: float) -> float:
   return active_params - 2 * spec.embed_dim * share
 
 
-def _validate(config, sizes) -> None:
-  mm = config.model.moma
-  for key in ('mlp_dim', 'k', 'group_sequences'):
-    if not isinstance(mm[key], int) or mm[key] <= 0:
-      raise ValueError(f'config.model.moma.{key} must be a positive integer, got {mm[key]!r}')
+def validate_block(mm, config, sizes, key: str = 'model.moma') -> MoMaSpec:
+  """The MoMa FFN block `mm` (config.<key>: the MoMa family's, or a hybrid's) -> its spec,
+  or one ValueError naming the key at fault. MoD is the caller's (it needs the layers)."""
+  for name in ('mlp_dim', 'k', 'group_sequences'):
+    if not isinstance(mm[name], int) or mm[name] <= 0:
+      raise ValueError(f'config.{key}.{name} must be a positive integer, got {mm[name]!r}')
   if not isinstance(mm.shared_experts, int) or mm.shared_experts < 0:
-    raise ValueError(f'config.model.moma.shared_experts must be >= 0, got '
-                     f'{mm.shared_experts!r}')
-  for key in ('capacity', 'shared_capacity'):
-    if str(mm[key]) != '':
+    raise ValueError(f'config.{key}.shared_experts must be >= 0, got {mm.shared_experts!r}')
+  for name in ('capacity', 'shared_capacity'):
+    if str(mm[name]) != '':
       try:
-        float(mm[key])
+        float(mm[name])
       except ValueError:
-        raise ValueError(f"config.model.moma.{key}={mm[key]!r} is not a number or ''") from None
-  spec = moma_spec_from_config(mm)  # parses groups: clear errors
-  check_spec(spec, expert_shards=sizes['expert'])
-  if mm.mod.enabled:
-    mod_lib.check_spec(mod_spec_from_config(mm.mod))
+        raise ValueError(f"config.{key}.{name}={mm[name]!r} is not a number or ''") from None
+  try:
+    spec = moma_spec_from_config(mm)  # parses groups: clear errors
+    check_spec(spec, expert_shards=sizes['expert'])
+  except ValueError as e:  # their messages name the MoMa family's keys
+    raise ValueError(str(e).replace('model.moma', key)) from None
   if mm.mlp_dim % sizes['tensor']:
-    raise ValueError(f"config.model.moma.mlp_dim={mm.mlp_dim} is not divisible by "
+    raise ValueError(f"config.{key}.mlp_dim={mm.mlp_dim} is not divisible by "
                      f"mesh.tensor={sizes['tensor']}")
   shards = sizes['data'] * sizes['fsdp'] * sizes['expert']
   if config.batch_size % mm.group_sequences or (
       config.batch_size // mm.group_sequences) % shards:
-    raise ValueError(f'config.model.moma.group_sequences={mm.group_sequences}: the '
+    raise ValueError(f'config.{key}.group_sequences={mm.group_sequences}: the '
                      f'batch of {config.batch_size} must split into routing groups that '
                      f'split over the {shards} batch shards')
+  return spec
+
+
+def _validate(config, sizes) -> None:
+  mm = config.model.moma
+  spec = validate_block(mm, config, sizes)
+  if mm.mod.enabled:
+    mod_lib.check_spec(mod_spec_from_config(mm.mod))
   if config.get('stage', 'main') == 'aux' and not spec.aux_groups() and not mm.mod.enabled:
     raise ValueError(f"config.stage='aux' trains auxiliary routers, but groups="
                      f"{mm.groups!r} with router={mm.router!r} and no MoD has none")

@@ -30,6 +30,9 @@ CONFIGS = {
     'moe_activation_gate': lambda: moe.get_config(
         'tiny,router=activation_gate,activation=tanh,threshold=0.2,k=3,experts=4'),
     'mamba_hybrid_mom': lambda: mamba.get_config('tiny,untie=all,attn_every=2,chunk=8'),
+    # MoMa FFNs in the hybrid: expert choice decodes with the auxiliary routers
+    'mamba_hybrid_moma': lambda: mamba.get_config(
+        'tiny,untie=all,attn_every=2,chunk=8,ffn=moma,groups=2t3i'),
 }
 
 

@@ -243,3 +243,64 @@ def test_moe_ffn_settings_are_checked():
   validate(c, 1)
   reason = families.get('mamba').decode_unsupported(state_lib.model_spec(c))
   assert 'model.mamba.moe.router' in reason
+
+
+HYBRID_MOMA = 'tiny,untie=all,attn_every=2,ffn=moma,groups=2t3i,chunk=8'
+
+
+def test_the_hybrid_with_moma_ffns_counts_trains_its_aux_routers_and_evaluates_causally(
+    data_dir, tmp_path):
+  """`ffn=moma`: the hybrid's attention layers are MoMa blocks (modality-grouped expert
+  choice, pre-norm); parameter counts match the built model; the main stage trains, the
+  aux stage trains only the auxiliary routers, and eval reports the causal pass and each
+  modality's load on its own group only."""
+  from configs import mamba as mamba_config
+  from models import families, transformer
+  from training import evaluate, loop, state as state_lib
+  from tests.helpers import tiny_config
+  overrides = {'data.data_dir': data_dir, 'total_steps': 4, 'warmup_steps': 1,
+               'log_every': 2, 'checkpoint_every': 4, 'model.mamba.moma.mlp_dim': 64,
+               'eval.num_examples': 16}
+  config = tiny_config(mamba_config.get_config(HYBRID_MOMA), **overrides)
+  spec = state_lib.model_spec(config)
+  model = state_lib.make_model(config, 0)
+  assert [type(b).__name__ for b in model.blocks] == ['MambaBlock', 'MoMaBlock']
+  assert spec.moma.norm == 'pre' and [g.experts for g in spec.moma.groups] == [2, 3]
+  assert state_lib.count_params(nnx.state(model)) == transformer.param_count(spec)
+  family = families.get('mamba')
+  assert family.layer_params(spec, 1, True) == (
+      family.layer_params(spec, 1, False) - 4 * 3 * 64 * 64  # 5 experts, 1 active per token
+      - sum(64 * 32 + 32 * n for n in (2, 3)))  # the aux routers: not active
+  assert family.expert_names(spec) == ['text/0', 'text/1', 'image/0', 'image/1', 'image/2']
+  assert 'moma text:2 image:3 expert_choice F=64' in family.layer_summary(spec, 1)
+
+  loop.train(config, str(tmp_path))
+  aux = tiny_config(mamba_config.get_config(HYBRID_MOMA + ',stage=aux'), **{
+      **overrides, 'total_steps': 2, 'checkpoint_every': 2})
+  loop.train(aux, str(tmp_path))
+  report = evaluate.evaluate(config, str(tmp_path))
+  assert report['aux_step'] == 2 and 'causal_loss_note' not in report  # main frozen exactly
+  for mod in report['modalities'].values():
+    assert np.isfinite(mod['causal_loss']) and mod['loss'] > 0
+  (layer,) = report['routing']['layers']
+  assert layer['layer'] == 1
+  for key in ('load', 'causal_load'):
+    assert layer[key]['text']['image/0'] == 0.0 and layer[key]['image']['text/1'] == 0.0
+
+
+def test_moma_ffn_and_aux_stage_settings_are_checked():
+  from configs import mamba as mamba_config
+  from training.validate import validate
+  with pytest.raises(ValueError, match='ffn=moma puts the MoMa FFN.*attn_every > 0'):
+    validate(mamba_config.get_config('tiny,ffn=moma'), 1)
+  with pytest.raises(ValueError, match=r"model.mamba.moma.groups='4x': 'x' names no modality"):
+    validate(mamba_config.get_config('tiny,attn_every=2,ffn=moma,groups=4x'), 1)
+  with pytest.raises(ValueError, match="stage='aux'.*this model has none"):
+    validate(mamba_config.get_config('tiny,attn_every=2,ffn=moe,stage=aux'), 1)
+  c = mamba_config.get_config('tiny,attn_every=2,ffn=moma,stage=aux')
+  c.model.mamba.moma.router = 'topk'  # token choice is causal: no aux routers to train
+  with pytest.raises(ValueError, match="stage='aux'.*this model has none"):
+    validate(c, 1)
+  c.model.mamba.moma.mlp_dim = 0
+  with pytest.raises(ValueError, match='config.model.mamba.moma.mlp_dim must be a positive'):
+    validate(c, 1)

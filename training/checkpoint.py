@@ -24,7 +24,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from configs import common, moe as moe_configs
+from configs import common, mamba as mamba_configs, moe as moe_configs
 from training import storage
 
 ITEMS = ('state', 'data', 'meta')
@@ -72,6 +72,7 @@ LEGACY_DEFAULTS = {
     'model.attn_gate': lambda saved: 'none',
     **{k: _if_saved_has(moe_configs.PRESENCE_KEY, v) for k, v in
        moe_configs.LEGACY_DEFAULTS.items()},
+    **mamba_configs.LEGACY_DEFAULTS,
     **{f'eval.generation.{k}': (lambda v: lambda saved: v)(v)
        for k, v in common.generation_config().items()},
 }
