@@ -89,6 +89,44 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
 
 
+def manual_axes() -> frozenset[str]:
+  """The current mesh's axes of size > 1 (the ones `per_shard` makes manual); empty with
+  one device or outside a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return frozenset() if mesh.empty else frozenset(
+      a for a, n in zip(mesh.axis_names, mesh.axis_sizes) if n > 1)
+
+
+def per_shard(fn, in_names, out_names):
+  """fn(*arrays, collectives) per batch shard: `jax.shard_map` over the mesh axes of size
+  > 1 (`collectives`: their names; collectives over the others would be copies), or a plain
+  call when there are none (one device, or no mesh). Names are logical axes (RULES); the
+  per-shard bodies reach the weights' shards with `gather_fsdp` and `psum_tensor` (MoT's
+  and Mixture-of-Mamba's modality-untied projections: each device sorts its own rows)."""
+  manual = manual_axes()
+  if not manual:
+    return lambda *a: fn(*a, collectives=manual)
+
+  def spec(names):  # the logical spec without the size-1 (automatic) axes
+    keep = lambda axes: tuple(x for x in axes if x in manual) or None  # noqa: E731
+    return P(*(keep((e,) if isinstance(e, str) else e) if e is not None else None
+               for e in logical_to_spec(names)))
+  out = (tuple(spec(n) for n in out_names) if isinstance(out_names[0], tuple)
+         else spec(out_names))
+  return jax.shard_map(lambda *a: fn(*a, collectives=manual), axis_names=manual,
+                       in_specs=tuple(spec(n) for n in in_names), out_specs=out)
+
+
+def gather_fsdp(w, axis: int, collectives):
+  """Inside `per_shard`: the whole of w's `axis` (an 'embed' axis, sharded over fsdp)."""
+  return jax.lax.all_gather(w, 'fsdp', axis=axis, tiled=True) if 'fsdp' in collectives else w
+
+
+def psum_tensor(y, collectives):
+  """Inside `per_shard`: the sum of a row-parallel product's partial sums over 'tensor'."""
+  return jax.lax.psum(y, 'tensor') if 'tensor' in collectives else y
+
+
 def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
   """`mesh.{data,fsdp,expert,tensor}` with at most one -1 (= all remaining) -> sizes."""
   sizes = [int(mesh_cfg[a]) for a in MESH_AXES]

@@ -57,6 +57,8 @@ FFNS = ('dense', 'moe', 'moma')  # model.mamba.ffn: the hybrid attention layers'
 FFN_NAMES = {'dense': 'SwiGLU', 'moe': 'MoE', 'moma': 'MoMa'}
 SCANS = ('auto', 'associative', 'sequential')  # model.mamba.scan: inside each chunk
 UNROLL = 8  # time steps per iteration of the sequential chunk scan
+# The logical axis of each projection's input's last dimension (its contraction axis).
+PROJ_INPUT = {'in': 'act_embed', 'x': 'act_mlp', 'dt': None, 'out': 'act_mlp'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,9 +211,12 @@ class Mixer(nnx.Module):
                      spec.rank(embed_dim))
     M = spec.num_modalities
 
+    self.axes = {}  # part -> its weight's logical axes (the per-shard path reads them)
+
     def weight(part, init, shape, axes):
       if part in spec.untie:
         shape, axes = (M,) + tuple(shape), ('modality',) + tuple(axes)
+      self.axes.setdefault(part, tuple(axes))
       return partitioning.param(rngs, init, shape, axes, param_dtype)
     fan = partitioning.fan_in_init
     self.in_proj = weight('in', fan(D), (D, 2, E), ('embed', None, 'mlp'))
@@ -227,16 +232,44 @@ class Mixer(nnx.Module):
     self.D = partitioning.param(rngs, nnx.initializers.ones, (E,), ('mlp',), jnp.float32)
     self.out_proj = weight('out', fan(E), (E, D), ('mlp', 'embed'))
 
-  def _proj(self, part, w, x_BLI, layout):
+  def _proj(self, part, w, x_BLI, layout, modality_BL):
     """x @ w, each token with its own modality's copy of w when `part` is untied (rows in
-    `layout`, the call's one modality layout, moe/rows.py)."""
+    `layout`, the call's one modality layout, moe/rows.py; on a mesh, `_sharded_proj`)."""
     w = w[...].astype(self.dtype)
     Bsz, L, I = x_BLI.shape
+    if part in self.spec.untie and layout is None:
+      return self._sharded_proj(part, w, x_BLI, modality_BL)
     x = x_BLI.astype(self.dtype).reshape(Bsz * L, I)
     if part not in self.spec.untie:
       return (x @ w.reshape(I, -1)).reshape(Bsz, L, *w.shape[1:])
     y = rows.layout_matmul(rows.to_layout(x, layout), w.reshape(w.shape[0], I, -1), layout)
     return rows.from_layout(y, layout).reshape(Bsz, L, *w.shape[2:])
+
+  def _sharded_proj(self, part, w, x_BLI, modality_BL):
+    """The untied projection per batch shard (core/partitioning.per_shard, MoT's form): each
+    device lays out only its own rows, the 'embed' axis of w gathered over fsdp; with the
+    input's last axis on 'tensor' (x_proj, out_proj) the product is row-parallel and its
+    partial sums are added over 'tensor', otherwise (in_proj, dt_proj) column-parallel."""
+    names = self.axes[part]
+    x_names = ('batch', 'length', PROJ_INPUT[part])
+    row_parallel = PROJ_INPUT[part] == 'act_mlp'
+    out_names = ('batch', 'length') + tuple(
+        'act_mlp' if n == 'mlp' else 'act_embed' if n == 'embed' else None
+        for n in names[2:])
+    M = self.spec.num_modalities
+
+    def local(x, mod, w, collectives):
+      for axis, name in enumerate(names):
+        if name == 'embed':
+          w = partitioning.gather_fsdp(w, axis, collectives)
+      Bsz, L, I = x.shape
+      lay = rows.rows_layout(mod.reshape(-1), M)
+      y = rows.layout_matmul(rows.to_layout(x.astype(self.dtype).reshape(Bsz * L, I), lay),
+                             w.reshape(M, I, -1), lay)
+      y = rows.from_layout(y, lay).reshape(Bsz, L, *w.shape[2:])
+      return partitioning.psum_tensor(y, collectives) if row_parallel else y
+    return partitioning.per_shard(local, (x_names, ('batch', 'length'), names), out_names)(
+        x_BLI, modality_BL, w)
 
   def _bias(self, b, modality_BL):
     """The dt bias, untied: each token's modality's, as a one-hot product (its gradient a
@@ -250,25 +283,28 @@ class Mixer(nnx.Module):
     """-> (out [B, L, D], new cache or None). `cache` (decoding): {'conv': [B, K-1, E],
     'ssm': [B, E, N]}, continued over these L tokens."""
     spec = self.spec
+    # One modality layout for every untied projection of the block; on a mesh each
+    # projection lays out its shard's rows itself (`_sharded_proj`).
     layout = (rows.rows_layout(modality_BL.reshape(-1), spec.num_modalities)
-              if spec.untie else None)
-    xz = self._proj('in', self.in_proj, h_BLD, layout)  # [B, L, 2, E]
+              if spec.untie and not partitioning.manual_axes() else None)
+    proj = lambda part, w, x: self._proj(part, w, x, layout, modality_BL)  # noqa: E731
+    xz = proj('in', self.in_proj, h_BLD)  # [B, L, 2, E]
     x, z = xz[:, :, 0], xz[:, :, 1]
     x = constrain(x, ('batch', 'length', 'act_mlp'))
     conv, window = causal_conv(x, self.conv_w[...], self.conv_b[...],
                                None if cache is None else cache['conv'])
     x = jax.nn.silu(conv.astype(jnp.float32)).astype(self.dtype)
-    dbc = self._proj('x', self.x_proj, x, layout).astype(jnp.float32)
+    dbc = proj('x', self.x_proj, x).astype(jnp.float32)
     R = spec.rank(h_BLD.shape[-1])
     dt, Bm, Cm = dbc[..., :R], dbc[..., R:R + spec.state], dbc[..., R + spec.state:]
-    delta = jax.nn.softplus(self._proj('dt', self.dt_w, dt, layout).astype(jnp.float32)
+    delta = jax.nn.softplus(proj('dt', self.dt_w, dt).astype(jnp.float32)
                             + self._bias(self.dt_b, modality_BL))
     A = -jnp.exp(self.A_log[...].astype(jnp.float32))
     y, state = selective_scan(delta, A, Bm, Cm, x, chunk=spec.chunk, scan=spec.scan,
                               state_BEN=None if cache is None else cache['ssm'])
     y = y + self.D[...].astype(jnp.float32) * x.astype(jnp.float32)
     y = (y * jax.nn.silu(z.astype(jnp.float32))).astype(self.dtype)
-    out = self._proj('out', self.out_proj, y, layout)
+    out = proj('out', self.out_proj, y)
     out = constrain(out, ('batch', 'length', 'act_embed'))
     return out, (None if cache is None else {'conv': window, 'ssm': state})
 

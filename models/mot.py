@@ -46,7 +46,7 @@ from flax import nnx
 
 from core import layers
 from core import partitioning
-from core.partitioning import constrain
+from core.partitioning import constrain, gather_fsdp, per_shard, psum_tensor
 from data import tokenizer
 from models import family as family_lib, moe_ffn
 from moe import grouped, layer as moe_layer, rows
@@ -108,36 +108,6 @@ def _weight(rngs, fan_in, shape, axes, untied, pdtype):
   if untied:
     shape, axes = (untied,) + tuple(shape), ('modality',) + tuple(axes)
   return partitioning.param(rngs, partitioning.fan_in_init(fan_in), shape, axes, pdtype)
-
-
-def _per_shard(fn, in_names, out_names):
-  """fn(*arrays, collectives) per batch shard: `jax.shard_map` over the mesh axes of size
-  > 1 (`collectives`: their names; collectives over the others would be copies), or a plain
-  call when there are none (one device, or no mesh). Names are logical axes
-  (training/partitioning.py)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  manual = frozenset() if mesh.empty else frozenset(
-      a for a, n in zip(mesh.axis_names, mesh.axis_sizes) if n > 1)
-  if not manual:
-    return lambda *a: fn(*a, collectives=manual)
-
-  def spec(names):  # the logical spec without the size-1 (automatic) axes
-    keep = lambda axes: tuple(x for x in axes if x in manual) or None
-    return jax.sharding.PartitionSpec(*(
-        keep((e,) if isinstance(e, str) else e) if e is not None else None
-        for e in partitioning.logical_to_spec(names)))
-  out = (tuple(spec(n) for n in out_names) if isinstance(out_names[0], tuple)
-         else spec(out_names))
-  return jax.shard_map(lambda *a: fn(*a, collectives=manual), axis_names=manual,
-                       in_specs=tuple(spec(n) for n in in_names), out_specs=out)
-
-
-def _gather_fsdp(w, axis, collectives):
-  return jax.lax.all_gather(w, 'fsdp', axis=axis, tiled=True) if 'fsdp' in collectives else w
-
-
-def _psum_tensor(y, collectives):
-  return jax.lax.psum(y, 'tensor') if 'tensor' in collectives else y
 
 
 W_Q = ('modality', 'embed', 'heads', 'head_dim')
@@ -219,7 +189,7 @@ class MoTBlock(nnx.Module):
         return self._split_qkv(y, mod.shape, ws)
       kv = ('batch', 'length', 'act_kv_heads', None)
       names = (W_Q, W_KV, W_KV) + (() if self.wg is None else (self.w_g_names,))
-      q, k, v, *g = _per_shard(qkv_local, (X, MOD) + names, (HEADS, kv, kv) + (HEADS,) * (
+      q, k, v, *g = per_shard(qkv_local, (X, MOD) + names, (HEADS, kv, kv) + (HEADS,) * (
           len(ws) - 3))(x, modality, *ws)
       g = g[0] if g else None
     o = (attend or (lambda q, k, v: self._global_attention(q, k, v, sin_cos, modality)))(
@@ -230,12 +200,12 @@ class MoTBlock(nnx.Module):
       out = (o.reshape(B * T, -1) @ wo.reshape(-1, D)).reshape(B, T, D)
     else:
       def out_local(o, mod, wo, collectives):
-        wo = _gather_fsdp(wo, 3, collectives)
+        wo = gather_fsdp(wo, 3, collectives)
         y = grouped.grouped_matmul_rows(o.reshape(-1, o.shape[2] * o.shape[3]),
                                         wo.reshape(wo.shape[0], -1, wo.shape[3]),
                                         row_groups(mod, groups), impl=impl, block=BLOCK)
-        return _psum_tensor(y.reshape(*mod.shape, -1), collectives)
-      out = _per_shard(out_local, (('batch', 'length', 'act_heads', None), MOD, W_O), X)(
+        return psum_tensor(y.reshape(*mod.shape, -1), collectives)
+      out = per_shard(out_local, (('batch', 'length', 'act_heads', None), MOD, W_O), X)(
           o, modality, wo)
     return constrain(out, X)
 
@@ -243,7 +213,7 @@ class MoTBlock(nnx.Module):
   def _qkv_weight(ws, collectives):
     """[M, D, N] of one grouped matmul for Q, K, V (and W_g): each gathered over 'fsdp'
     and flattened after the embed axis, side by side."""
-    ws = [_gather_fsdp(w, 1, collectives) for w in ws]
+    ws = [gather_fsdp(w, 1, collectives) for w in ws]
     return jnp.concatenate([a.reshape(*a.shape[:2], -1) for a in ws], axis=2)
 
   @staticmethod
@@ -287,12 +257,12 @@ class MoTBlock(nnx.Module):
       groups, impl = self.ffn_groups, self.spec.grouped_impl
 
       def ffn_local(x, mod, wg, wu, wd, collectives):
-        wg, wu = _gather_fsdp(wg, 1, collectives), _gather_fsdp(wu, 1, collectives)
-        wd = _gather_fsdp(wd, 2, collectives)
+        wg, wu = gather_fsdp(wg, 1, collectives), gather_fsdp(wu, 1, collectives)
+        wd = gather_fsdp(wd, 2, collectives)
         y = grouped.grouped_swiglu_rows(x.reshape(-1, x.shape[-1]), wg, wu, wd,
                                         row_groups(mod, groups), impl=impl, block=BLOCK)
-        return _psum_tensor(y.reshape(*mod.shape, -1), collectives)
-      y = _per_shard(ffn_local, (X, MOD, W_IN, W_IN, W_OUT), X)(x, modality, *w)
+        return psum_tensor(y.reshape(*mod.shape, -1), collectives)
+      y = per_shard(ffn_local, (X, MOD, W_IN, W_IN, W_OUT), X)(x, modality, *w)
     if self.moe is not None:
       y_moe, aux = self.moe(x_BTD, rng, token_mask_BT=modality == self.spec.moe_modality,
                             decoding=decoding)
@@ -314,7 +284,7 @@ class MoTBlock(nnx.Module):
     def place(x, mod, collectives):
       del collectives
       return rows.to_layout(x.reshape(-1, x.shape[-1]), self._layout_of(mod))
-    return _per_shard(place, (X, MOD), STREAM)(x_BTD, modality)
+    return per_shard(place, (X, MOD), STREAM)(x_BTD, modality)
 
   def stream_out(self, x, modality):
     """`stream_in` undone: [B, T, D] in the original order."""
@@ -324,7 +294,7 @@ class MoTBlock(nnx.Module):
     def back(xs, mod, collectives):
       del collectives
       return rows.from_layout(xs, self._layout_of(mod)).reshape(*mod.shape, -1)
-    return _per_shard(back, (STREAM, MOD), X)(x, modality)
+    return per_shard(back, (STREAM, MOD), X)(x, modality)
 
   def _sorted_block(self, xs, sin_cos, modality):
     """The whole block (no MoE) on the stream `xs` (each shard's rows in the modality-
@@ -360,31 +330,31 @@ class MoTBlock(nnx.Module):
     kv = ('batch', 'length', 'act_kv_heads', None)
     s_names = ('modality', 'norm')
     names = (W_Q, W_KV, W_KV) + (() if self.wg is None else (self.w_g_names,))
-    q, k, v, *g = _per_shard(qkv_local, (STREAM, MOD, s_names) + names,
-                             (heads, kv, kv) + (heads,) * (len(ws) - 3))(
-                                 xs, modality, sa, *ws)
+    q, k, v, *g = per_shard(qkv_local, (STREAM, MOD, s_names) + names,
+                            (heads, kv, kv) + (heads,) * (len(ws) - 3))(
+                                xs, modality, sa, *ws)
     o = self._global_attention(q, k, v, sin_cos, modality)
     if g:
       o = layers.apply_gate(o, g[0])
 
     def out_local(o, xs, mod, sa, sf, wo, wg, wu, wd, collectives):
-      wo = _gather_fsdp(wo, 3, collectives)
-      wg, wu = _gather_fsdp(wg, 1, collectives), _gather_fsdp(wu, 1, collectives)
-      wd = _gather_fsdp(wd, 2, collectives)
+      wo = gather_fsdp(wo, 3, collectives)
+      wg, wu = gather_fsdp(wg, 1, collectives), gather_fsdp(wu, 1, collectives)
+      wd = gather_fsdp(wd, 2, collectives)
       lay = self._layout_of(mod)
       os_ = rows.to_layout(o.reshape(-1, o.shape[2] * o.shape[3]), lay)
-      a = _psum_tensor(rows.layout_matmul(os_, wo.reshape(wo.shape[0], -1, wo.shape[3]),
-                                             lay), collectives)
-      ffn = lambda h: _psum_tensor(rows.layout_swiglu(h.astype(dt), wg, wu, wd, lay),
-                                   collectives)
+      a = psum_tensor(rows.layout_matmul(os_, wo.reshape(wo.shape[0], -1, wo.shape[3]),
+                                         lay), collectives)
+      ffn = lambda h: psum_tensor(rows.layout_swiglu(h.astype(dt), wg, wu, wd, lay),
+                                  collectives)
       if pre:
         h = xs + a
         return h + ffn(norm(h, sf, eps_f, lay)).astype(h.dtype)
       h = xs + norm(a, sa, eps_a, lay)
       return h + norm(ffn(h).astype(h.dtype), sf, eps_f, lay)
 
-    y = _per_shard(out_local, (heads, STREAM, MOD, s_names, s_names, W_O, W_IN, W_IN, W_OUT),
-                   STREAM)(o, xs, modality, sa, sf, wo, wg, wu, wd)
+    y = per_shard(out_local, (heads, STREAM, MOD, s_names, s_names, W_O, W_IN, W_IN, W_OUT),
+                  STREAM)(o, xs, modality, sa, sf, wo, wg, wu, wd)
     return constrain(y, STREAM), {}
 
   def __call__(self, x_BTD, sin_cos, rng=None, *, modality, causal=False):

@@ -304,3 +304,22 @@ def test_moma_ffn_and_aux_stage_settings_are_checked():
   c.model.mamba.moma.mlp_dim = 0
   with pytest.raises(ValueError, match='config.model.mamba.moma.mlp_dim must be a positive'):
     validate(c, 1)
+
+
+def test_sharded_training_loss_and_grads_equal_unsharded():
+  """On a mesh the untied projections run per batch shard (core/partitioning.per_shard):
+  each device lays out its own rows, fsdp-gathered weights, row-parallel x_proj/out_proj
+  summed over 'tensor'. Loss and every gradient equal the one-device run's."""
+  from configs import mamba as mamba_config
+  from core import partitioning
+  from tests.helpers import loss_and_grads, tiny_config
+  shape = (2, 2, 1, 2)  # data, fsdp, expert, tensor
+  config = lambda **mesh: tiny_config(mamba_config.get_config('tiny,untie=all'), **{  # noqa
+      'model.mamba.chunk': 8, 'seq_len': 24, **mesh})
+  ref_loss, ref_grads, _ = loss_and_grads(config(**{'mesh.data': 1}), jax.devices()[:1])
+  loss, grads, _ = loss_and_grads(
+      config(**{f'mesh.{a}': s for a, s in zip(partitioning.MESH_AXES, shape)}),
+      jax.devices())
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+               grads, ref_grads)
