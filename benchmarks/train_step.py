@@ -51,14 +51,13 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import dense, mamba, moe, moma, mot  # noqa: E402
-from core.layers import dtype_of  # noqa: E402
 from core import partitioning  # noqa: E402
 from models import mamba as mamba_lib  # noqa: E402
 from training import flops, metrics  # noqa: E402
 from training import state as state_lib  # noqa: E402
 from training.validate import validate  # noqa: E402
 from benchmarks import timing  # noqa: E402
-from benchmarks.timing import Timer  # noqa: E402
+from benchmarks.timing import Timer, matmul_timer  # noqa: E402
 
 _SIZES = flags.DEFINE_list('sizes', ['tiny', 'small'], 'Sizes of configs/dense.py to time.')
 _BATCH = flags.DEFINE_list('batch_sizes', ['small=8'],
@@ -90,18 +89,6 @@ def _overrides(pairs: list[str], flag: str) -> dict[str, int]:
       raise app.UsageError(f'--{flag} entries are size=int, got {pair!r}')
     out[size] = int(value)
   return out
-
-
-def matmul_timer(n: int, dtype_name: str) -> Timer:
-  """The chain x <- x @ w of N x N matrices (w orthogonal: values stay finite), with
-  `dtype_name` inputs and float32 accumulation, AOT-compiled on the default device."""
-  dtype = dtype_of(dtype_name)
-  kx, kw = jax.random.split(jax.random.key(0))
-  x = jax.random.normal(kx, (n, n), jnp.float32).astype(dtype)
-  w = jnp.linalg.qr(jax.random.normal(kw, (n, n), jnp.float32))[0].astype(dtype)
-  mm = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(dtype))
-  mm = mm.lower(x, w).compile()
-  return Timer(lambda x: mm(x, w), x)
 
 
 def moe_config_like(dense_config):
@@ -184,8 +171,7 @@ def _row(name: str, config, info: dict, timer: Timer, pairs, mm_flops: float) ->
           'tokens_per_step': tokens, 'compile_s': info['compile_s'], 'step_ms': sec * 1e3,
           'steps_per_repeat': timer.calls, 'tokens_per_s': tokens / sec,
           'model_flops_per_step': model_flops, 'model_flops_per_s': model_flops / sec,
-          'matmul_flop_ratio': statistics.median(
-              (model_flops / t) / (mm_flops / m) for t, m in pairs)}
+          'matmul_flop_ratio': timing.matmul_ratio(pairs, model_flops, mm_flops)}
 
 
 def bench_size(size: str, batch_size: int | None, seq_len: int | None, matmuls: dict,
