@@ -76,7 +76,7 @@ def get_config(arg: str = 'tiny'):
 
 # A saved config with this key is a Mamba run; the keys added to the family since its first
 # runs, with the values that reproduce a run from before them (training/checkpoint.py
-# LEGACY_DEFAULTS): (saved flat config) -> value, or None for other families' configs.
+# LEGACY_DEFAULTS; a callable takes the saved flat config).
 PRESENCE_KEY = 'model.mamba.state'
 _ADDED = ('model.mamba.scan', 'model.mamba.ffn', 'model.mamba.moe.', 'model.mamba.moma.',
           'stage')
@@ -92,15 +92,10 @@ def _legacy_defaults() -> dict:
       else:
         flat[prefix + k] = v
   walk(get_config('tiny'), '')
-  out = {}
-  for key, value in flat.items():
-    if not any(key == a or (a.endswith('.') and key.startswith(a)) for a in _ADDED):
-      continue
-    if key.endswith('.mlp_dim'):  # the experts are as wide as the model's dense FFN
-      out[key] = lambda saved: saved['model.mlp_dim'] if PRESENCE_KEY in saved else None
-    else:
-      out[key] = (lambda v: lambda saved: v if PRESENCE_KEY in saved else None)(value)
-  return out
+  return {key: ((lambda saved: saved['model.mlp_dim'])  # experts as wide as the dense FFN
+                if key.endswith('.mlp_dim') else value)
+          for key, value in flat.items()
+          if any(key == a or (a.endswith('.') and key.startswith(a)) for a in _ADDED)}
 
 
 LEGACY_DEFAULTS = _legacy_defaults()

@@ -211,12 +211,9 @@ class Mixer(nnx.Module):
                      spec.rank(embed_dim))
     M = spec.num_modalities
 
-    self.axes = {}  # part -> its weight's logical axes (the per-shard path reads them)
-
     def weight(part, init, shape, axes):
       if part in spec.untie:
         shape, axes = (M,) + tuple(shape), ('modality',) + tuple(axes)
-      self.axes.setdefault(part, tuple(axes))
       return partitioning.param(rngs, init, shape, axes, param_dtype)
     fan = partitioning.fan_in_init
     self.in_proj = weight('in', fan(D), (D, 2, E), ('embed', None, 'mlp'))
@@ -235,22 +232,23 @@ class Mixer(nnx.Module):
   def _proj(self, part, w, x_BLI, layout, modality_BL):
     """x @ w, each token with its own modality's copy of w when `part` is untied (rows in
     `layout`, the call's one modality layout, moe/rows.py; on a mesh, `_sharded_proj`)."""
+    if part in self.spec.untie and layout is None:
+      return self._sharded_proj(part, w[...].astype(self.dtype), w.out_sharding, x_BLI,
+                                modality_BL)
     w = w[...].astype(self.dtype)
     Bsz, L, I = x_BLI.shape
-    if part in self.spec.untie and layout is None:
-      return self._sharded_proj(part, w, x_BLI, modality_BL)
     x = x_BLI.astype(self.dtype).reshape(Bsz * L, I)
     if part not in self.spec.untie:
       return (x @ w.reshape(I, -1)).reshape(Bsz, L, *w.shape[1:])
     y = rows.layout_matmul(rows.to_layout(x, layout), w.reshape(w.shape[0], I, -1), layout)
     return rows.from_layout(y, layout).reshape(Bsz, L, *w.shape[2:])
 
-  def _sharded_proj(self, part, w, x_BLI, modality_BL):
+  def _sharded_proj(self, part, w, names, x_BLI, modality_BL):
     """The untied projection per batch shard (core/partitioning.per_shard, MoT's form): each
     device lays out only its own rows, the 'embed' axis of w gathered over fsdp; with the
     input's last axis on 'tensor' (x_proj, out_proj) the product is row-parallel and its
-    partial sums are added over 'tensor', otherwise (in_proj, dt_proj) column-parallel."""
-    names = self.axes[part]
+    partial sums are added over 'tensor', otherwise (in_proj, dt_proj) column-parallel.
+    `names`: w's logical axes (its parameter's `out_sharding`)."""
     x_names = ('batch', 'length', PROJ_INPUT[part])
     row_parallel = PROJ_INPUT[part] == 'act_mlp'
     out_names = ('batch', 'length') + tuple(

@@ -55,8 +55,9 @@ def _flatten(d: dict, prefix: str = '') -> dict:
 
 def _if_saved_has(key: str, value):
   """A legacy default that applies only to configs holding `key` (to the others it returns
-  None: they stay without the new key)."""
-  return lambda saved: value if key in saved else None
+  None: they stay without the new key); `value` may be a function of the saved config."""
+  return lambda saved: (None if key not in saved else value(saved) if callable(value)
+                        else value)
 
 
 # Keys added after checkpoints were written without them: what their absence meant (so a
@@ -72,7 +73,8 @@ LEGACY_DEFAULTS = {
     'model.attn_gate': lambda saved: 'none',
     **{k: _if_saved_has(moe_configs.PRESENCE_KEY, v) for k, v in
        moe_configs.LEGACY_DEFAULTS.items()},
-    **mamba_configs.LEGACY_DEFAULTS,
+    **{k: _if_saved_has(mamba_configs.PRESENCE_KEY, v) for k, v in
+       mamba_configs.LEGACY_DEFAULTS.items()},
     **{f'eval.generation.{k}': (lambda v: lambda saved: v)(v)
        for k, v in common.generation_config().items()},
 }
