@@ -31,7 +31,7 @@ two tiny configs as they train), and `mom` is its Mixture-of-Mamba (`untie=all`)
 the dense Mamba's FLOPs per token (untying adds parameters, not FLOPs), so its ratio is
 against the Mamba step: `mom/mamba step time ratio: X` (`mom` brings `mamba` along). With
 `mamba` timed, so is the selective scan alone: one jitted forward + backward of
-models/mamba.selective_scan (gradients of every input, its chunk rematerialisation
+models/ssm.selective_scan (gradients of every input, its rematerialisation
 included) on one Mamba layer's shapes (batch x length x inner width x state, the config's
 chunk), in the same repeats; `mamba scan share of the step: X` is the median over repeats of
 (Mamba layers x that time) / the Mamba train step's time.
@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import dense, mamba, moe, moma, mot  # noqa: E402
 from core import partitioning  # noqa: E402
-from models import mamba as mamba_lib  # noqa: E402
+from models import mamba as mamba_lib, ssm  # noqa: E402
 from training import flops, metrics  # noqa: E402
 from training import state as state_lib  # noqa: E402
 from training.validate import validate  # noqa: E402
@@ -134,7 +134,7 @@ REFERENCE = {'mom': 'mamba'}  # the family a ratio divides by (default: dense)
 
 
 def scan_timer(config) -> Timer:
-  """Forward + backward of models/mamba.selective_scan alone on one Mamba layer's shapes
+  """Forward + backward of models/ssm.selective_scan alone on one Mamba layer's shapes
   of `config` (B, T, E, N, its chunk), float32 as in the block: every input's gradient,
   each call's inputs nudged by its gradients (1e-9) so calls chain."""
   spec = mamba_lib.mamba_spec_from_config(config.model.mamba)
@@ -148,7 +148,7 @@ def scan_timer(config) -> Timer:
   cot = jax.random.normal(k[4], (B, L, E))
 
   def loss(a):
-    return jnp.sum(mamba_lib.selective_scan(*a, chunk=spec.chunk, scan=spec.scan)[0] * cot)
+    return jnp.sum(ssm.selective_scan(*a, chunk=spec.chunk, scan=spec.scan)[0] * cot)
 
   step = jax.jit(lambda a: tuple(t + 1e-9 * g for t, g in zip(a, jax.grad(loss)(a))))
   return Timer(step.lower(args).compile(), args)

@@ -104,15 +104,15 @@ PRESETS = {
 # time relative to dense at equal active FLOPs. CPU: a dense tiny step at batch 32 x 224
 # tokens takes ~0.95 s on the 2-core CPU (~60 GFLOP/s); ratios from docs/moma.md,
 # docs/mot.md, docs/moe.md and training runs (MoMa 4t4i ~2x in training); Mamba: its step
-# time over dense tiny's (4.2, docs/mamba.md) at 0.73x dense's FLOPs per token, Mixture-of-
-# Mamba 1.17x that (untie=in,out assumed the same). GPU: an assumed
+# time over dense tiny's (3.2, docs/mamba.md) at 0.73x dense's FLOPs per token, Mixture-of-
+# Mamba 1.09x that (untie=in,out assumed the same). GPU: an assumed
 # 100 TFLOP/s for dense small (float32 = TF32 on one H100/H200-class GPU, not measured
 # here), ratios from the MoMa paper's 435M throughputs and docs/moe.md's H100 tiny steps.
 DENSE_FLOPS_PER_S = {'cpu': 60e9, 'gpu': 100e12}
 STEP_TIME_RATIO = {
     'cpu': {'dense': 1.0, 'moe_ec': 1.5, 'moma_1t1i': 1.0, 'moma_4t4i': 2.0,
             'mod_moma_4t4i': 2.0, 'mot': 1.1, 'mot_ffn': 1.05, 'mot_none': 1.07,
-            'mamba': 5.7, 'mom': 6.6, 'mom_in_out': 6.6},
+            'mamba': 4.4, 'mom': 4.8, 'mom_in_out': 4.8},
     'gpu': {'dense': 1.0, 'moe_ec': 1.3, 'moma_1t1i': 1.1, 'moma_4t4i': 1.5,
             'mod_moma_4t4i': 1.6, 'mot': 1.15, 'mot_ffn': 1.1, 'mot_none': 1.1},
 }

@@ -10,13 +10,10 @@ One block (pre-RMSNorm residual, no FFN: a pure Mamba stack):
     y_t    = s_t C_t + D ⊙ x_t
     h     += out_proj(y ⊙ silu(z))
 
-The recurrence is computed in float32 by `selective_scan`: inside chunks of `chunk` steps,
-an associative scan over (a_t, b_t) = (exp(Δ_t A), Δ_t B_t x_t) or the token-by-token
-recurrence (`scan`: 'auto' = sequential on CPU, where it measured about 2x faster, and
-associative elsewhere; docs/mamba.md), the state carried from chunk to chunk by a
-`lax.scan` whose step is rematerialised, so the backward pass keeps one [B, E, N] state per
-chunk and O(chunk · E · N) per chunk at a time, not O(L · E · N). `recurrent_scan` is the
-plain token-by-token `lax.scan` (the reference).
+The recurrence is computed in float32 by models/ssm.py's `selective_scan`: an associative
+scan inside chunks of `chunk` steps on GPU/TPU, the token-by-token recurrence with a
+hand-written backward pass on CPU (`scan`), memory O(chunk · E · N) per chunk at a time,
+not O(L · E · N).
 
 Mixture-of-Mamba unties `in_proj`, `x_proj`, `dt_proj` (weight and bias) and `out_proj` by
 modality (`untie`, any subset of UNTIE): each token goes through its own modality's copy,
@@ -49,14 +46,12 @@ from flax import nnx
 from core import layers, partitioning
 from core.partitioning import constrain
 from data import tokenizer
-from models import dense as dense_lib, family as family_lib, moe_ffn, moma as moma_lib
+from models import dense as dense_lib, family as family_lib, moe_ffn, moma as moma_lib, ssm
 from moe import layer as moe_layer, rows
 
 UNTIE = ('in', 'x', 'dt', 'out')
 FFNS = ('dense', 'moe', 'moma')  # model.mamba.ffn: the hybrid attention layers' FFN
 FFN_NAMES = {'dense': 'SwiGLU', 'moe': 'MoE', 'moma': 'MoMa'}
-SCANS = ('auto', 'associative', 'sequential')  # model.mamba.scan: inside each chunk
-UNROLL = 8  # time steps per iteration of the sequential chunk scan
 # The logical axis of each projection's input's last dimension (its contraction axis).
 PROJ_INPUT = {'in': 'act_embed', 'x': 'act_mlp', 'dt': None, 'out': 'act_mlp'}
 
@@ -83,8 +78,8 @@ class MambaSpec:
 
 
 def check_spec(spec: MambaSpec) -> None:
-  if spec.scan not in SCANS:
-    raise ValueError(f'model.mamba.scan={spec.scan!r} is not one of {SCANS}')
+  if spec.scan not in ssm.SCANS:
+    raise ValueError(f'model.mamba.scan={spec.scan!r} is not one of {ssm.SCANS}')
   bad = set(spec.untie) - set(UNTIE)
   if bad:
     raise ValueError(f'model.mamba.untie names {sorted(bad)}; choose from {UNTIE} or "all"')
@@ -94,80 +89,6 @@ def check_spec(spec: MambaSpec) -> None:
   if not 0 < spec.dt_min <= spec.dt_max:
     raise ValueError(f'model.mamba.dt_min={spec.dt_min} and dt_max={spec.dt_max} must '
                      'satisfy 0 < dt_min <= dt_max')
-
-
-# ---------------------------------------------------------------------------
-# The recurrence.
-
-
-def _combine(left, right):
-  a1, b1 = left
-  a2, b2 = right
-  return a2 * a1, a2 * b1 + b2
-
-
-def _chunk_scan(state_BEN, delta_BLE, A_EN, B_BLN, C_BLN, x_BLE):
-  """One chunk: -> (its last state, y [B, Lc, E] without the D skip)."""
-  a = jnp.exp(delta_BLE[..., None] * A_EN)  # [B, Lc, E, N]
-  b = delta_BLE[..., None] * B_BLN[:, :, None, :] * x_BLE[..., None]
-  a, b = jax.lax.associative_scan(_combine, (a, b), axis=1)
-  states = a * state_BEN[:, None] + b
-  return states[:, -1], jnp.einsum('BLEN,BLN->BLE', states, C_BLN)
-
-
-def resolve_scan(scan: str) -> str:
-  """'auto' -> 'sequential' on CPU, 'associative' on GPU/TPU."""
-  if scan != 'auto':
-    return scan
-  return 'sequential' if jax.default_backend() == 'cpu' else 'associative'
-
-
-def selective_scan(delta_BLE, A_EN, B_BLN, C_BLN, x_BLE, *, chunk: int, state_BEN=None,
-                   scan: str = 'auto'):
-  """y [B, L, E] (float32, without the D skip) and the final state [B, E, N] of the
-  selective recurrence, chunked; inside a chunk the `scan` of SCANS. Padding steps (Δ = 0:
-  a = 1, b = 0) leave the state as it is, so L need not divide by `chunk`."""
-  f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
-  delta, A, Bm, Cm, x = map(f32, (delta_BLE, A_EN, B_BLN, C_BLN, x_BLE))
-  Bsz, L, E = x.shape
-  N = A.shape[1]
-  state = jnp.zeros((Bsz, E, N), jnp.float32) if state_BEN is None else f32(state_BEN)
-  c = min(chunk, L)
-  pad = -L % c
-  if pad:
-    pad_t = lambda t: jnp.pad(t, ((0, 0), (0, pad)) + ((0, 0),) * (t.ndim - 2))  # noqa: E731
-    delta, Bm, Cm, x = map(pad_t, (delta, Bm, Cm, x))
-  n = (L + pad) // c
-  chunks = lambda t: jnp.moveaxis(t.reshape(Bsz, n, c, *t.shape[2:]), 1, 0)  # noqa: E731
-  if resolve_scan(scan) == 'associative':
-    body = _chunk_scan
-  else:
-    def body(s, d, a, b, c_, u):  # -> (state, y), as _chunk_scan
-      y, s = recurrent_scan(d, a, b, c_, u, s, unroll=UNROLL)
-      return s, y
-  step = jax.checkpoint(lambda s, inp: body(s, inp[0], A, inp[1], inp[2], inp[3]))
-  state, y = jax.lax.scan(step, state, (chunks(delta), chunks(Bm), chunks(Cm), chunks(x)))
-  y = jnp.moveaxis(y, 0, 1).reshape(Bsz, n * c, E)[:, :L]
-  return y, state
-
-
-def recurrent_scan(delta_BLE, A_EN, B_BLN, C_BLN, x_BLE, state_BEN=None, *,
-                   unroll: int = 1):
-  """The same recurrence token by token (`lax.scan` over time, `unroll` steps per
-  iteration): the reference, and the sequential chunk scan."""
-  f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
-  delta, A, Bm, Cm, x = map(f32, (delta_BLE, A_EN, B_BLN, C_BLN, x_BLE))
-  Bsz, _, E = x.shape
-  state = (jnp.zeros((Bsz, E, A.shape[1]), jnp.float32) if state_BEN is None
-           else f32(state_BEN))
-
-  def step(s, t):
-    d, bt, ct, xt = t
-    s = jnp.exp(d[..., None] * A) * s + d[..., None] * bt[:, None, :] * xt[..., None]
-    return s, jnp.einsum('BEN,BN->BE', s, ct)
-  state, y = jax.lax.scan(step, state, tuple(jnp.swapaxes(t, 0, 1) for t in (delta, Bm, Cm, x)),
-                          unroll=min(unroll, x.shape[1]) or 1)
-  return jnp.swapaxes(y, 0, 1), state
 
 
 def causal_conv(x_BLE, w_EK, b_E, window_BKE=None):
@@ -298,8 +219,8 @@ class Mixer(nnx.Module):
     delta = jax.nn.softplus(proj('dt', self.dt_w, dt).astype(jnp.float32)
                             + self._bias(self.dt_b, modality_BL))
     A = -jnp.exp(self.A_log[...].astype(jnp.float32))
-    y, state = selective_scan(delta, A, Bm, Cm, x, chunk=spec.chunk, scan=spec.scan,
-                              state_BEN=None if cache is None else cache['ssm'])
+    y, state = ssm.selective_scan(delta, A, Bm, Cm, x, chunk=spec.chunk, scan=spec.scan,
+                                  state_BEN=None if cache is None else cache['ssm'])
     y = y + self.D[...].astype(jnp.float32) * x.astype(jnp.float32)
     y = (y * jax.nn.silu(z.astype(jnp.float32))).astype(self.dtype)
     out = proj('out', self.out_proj, y)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import mamba
+from models import mamba, ssm
 
 D, L = 16, 13
 
@@ -46,14 +46,44 @@ def test_chunked_scan_equals_the_recurrence_and_float64(chunk, scan):
   A = -jnp.asarray(rng.uniform(0.5, 4, (E, N)), jnp.float32)
   Bm, Cm, x = (jnp.asarray(rng.normal(size=s), jnp.float32)
                for s in ((B, L, N), (B, L, N), (B, L, E)))
-  y, s = jax.jit(lambda *a: mamba.selective_scan(*a, chunk=chunk, scan=scan))(
+  y, s = jax.jit(lambda *a: ssm.selective_scan(*a, chunk=chunk, scan=scan))(
       delta, A, Bm, Cm, x)
-  y_r, s_r = jax.jit(mamba.recurrent_scan)(delta, A, Bm, Cm, x)
+  y_r, s_r = jax.jit(ssm.recurrent_scan)(delta, A, Bm, Cm, x)
   y_np, s_np = numpy_scan(delta, A, Bm, Cm, x)
   np.testing.assert_allclose(np.asarray(y), y_np, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(y_r), y_np, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(s), s_np, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(s_r), s_np, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('scan,chunk,length', [
+    ('sequential', 64, 37),  # blocks of SEQ_BLOCK = 16: 3 blocks, the last one padded
+    ('sequential', 5, 13), ('sequential', 1, 4), ('associative', 4, 13)])
+def test_scan_gradients_equal_the_differentiated_recurrence(scan, chunk, length):
+  """Every input's gradient (the initial state's too), with cotangents on y and on the
+  final state: the sequential form's hand-written backward pass and the associative form's
+  equal JAX's gradient of the token-by-token recurrence."""
+  rng = np.random.default_rng(3)
+  B, E, N = 2, 6, 4
+  f32 = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+  args = (jnp.asarray(rng.uniform(0.01, 0.8, (B, length, E)), jnp.float32),
+          -jnp.asarray(rng.uniform(0.5, 4, (E, N)), jnp.float32),
+          f32(B, length, N), f32(B, length, N), f32(B, length, E), f32(B, E, N))
+  cot_y, cot_s = f32(B, length, E), f32(B, E, N)
+
+  def loss(fn):
+    def f(delta, A, Bm, Cm, x, s0):
+      y, s = fn(delta, A, Bm, Cm, x, s0)
+      return jnp.sum(y * cot_y) + jnp.sum(s * cot_s)
+    return jax.jit(jax.grad(f, argnums=tuple(range(6))))
+
+  grads = loss(lambda *a: ssm.selective_scan(*a[:5], chunk=chunk, state_BEN=a[5],
+                                             scan=scan))(*args)
+  ref = loss(ssm.recurrent_scan)(*args)
+  for name, g, r in zip(('delta', 'A', 'B', 'C', 'x', 'state'), grads, ref):
+    scale = float(jnp.max(jnp.abs(r)))
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5 * scale,
+                               err_msg=name)
 
 
 def numpy_mixer(m, h, modality):
