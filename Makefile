@@ -48,7 +48,8 @@ eval: venv
 # one persistent compilation cache per run: `bash .ci/run` from a fresh clone, 2026-12-02:
 # 658 tests in 1525 s, 27 min with the venv, beside a niced training run; later that day
 # 662 tests in 3043 s, 52 min, on cores shared with 1b dry-run compiles and a training
-# sweep: the suite's own time is the first figure plus ~2 min of tests since).
+# sweep; 673 tests in 3207 s beside the η sweep's training: the suite's own time is the
+# first figure plus ~2-3 min of tests since).
 TEST_WORKERS ?= 2
 test: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 tests
