@@ -2,7 +2,7 @@
 blocks, no FFN), the projections untied by modality in Mixture-of-Mamba (models/mamba.py,
 SPEC §5).
 
-Run (2 CPU cores; the selective scan makes a Mamba tiny step about 4x a dense tiny step,
+Run (2 CPU cores; the selective scan makes a Mamba tiny step about 3x a dense tiny step,
 docs/mamba.md):
   python train.py --config=configs/mamba.py:tiny --workdir=runs/mamba_tiny
   python train.py --config=configs/mamba.py:tiny,untie=all --workdir=runs/mom_tiny

@@ -72,10 +72,9 @@ def selective_scan(delta_BLE, A_EN, B_BLN, C_BLN, x_BLE, *, chunk: int, state_BE
   return jnp.moveaxis(y, 0, 1).reshape(Bsz, n * c, E)[:, :L], state
 
 
-def recurrent_scan(delta_BLE, A_EN, B_BLN, C_BLN, x_BLE, state_BEN=None, *,
-                   unroll: int = 1):
-  """The same recurrence token by token (`lax.scan` over time, `unroll` steps per
-  iteration, differentiated by JAX): the reference."""
+def recurrent_scan(delta_BLE, A_EN, B_BLN, C_BLN, x_BLE, state_BEN=None):
+  """The same recurrence token by token (`lax.scan` over time, differentiated by JAX): the
+  reference."""
   f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
   delta, A, Bm, Cm, x = map(f32, (delta_BLE, A_EN, B_BLN, C_BLN, x_BLE))
   Bsz, _, E = x.shape
@@ -86,8 +85,7 @@ def recurrent_scan(delta_BLE, A_EN, B_BLN, C_BLN, x_BLE, state_BEN=None, *,
     d, bt, ct, xt = t
     s = jnp.exp(d[..., None] * A) * s + d[..., None] * bt[:, None, :] * xt[..., None]
     return s, jnp.einsum('BEN,BN->BE', s, ct)
-  state, y = jax.lax.scan(step, state, tuple(jnp.swapaxes(t, 0, 1) for t in (delta, Bm, Cm, x)),
-                          unroll=min(unroll, x.shape[1]) or 1)
+  state, y = jax.lax.scan(step, state, tuple(jnp.swapaxes(t, 0, 1) for t in (delta, Bm, Cm, x)))
   return jnp.swapaxes(y, 0, 1), state
 
 
