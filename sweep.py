@@ -5,6 +5,7 @@ active FLOPs per token (checked); trains, evaluates and reports into --out. docs
   python sweep.py --sweep=tiny --dry_run                 # plan, FLOPs check, estimated time
   python sweep.py --sweep=tiny --seeds=2 --out=runs/eta_tiny
   python sweep.py --sweep=tiny --out=runs/eta_tiny --report_only
+  python sweep.py --sweep=tiny --seeds=2 --only_seeds=1 --out=runs/b --merge=runs/a/eta.json
 
 Re-running the same command resumes: complete runs (eval.json at their final step) are
 skipped and train.py continues the others from their checkpoints. Writes OUT/eta.json,
@@ -28,8 +29,13 @@ _DRY = flags.DEFINE_bool('dry_run', False, 'Print the plan and estimated time; t
                          'nothing.')
 _ONLY = flags.DEFINE_list('only', [], 'Train only these runs (names from the plan); the '
                           'report still uses every complete run.')
+_ONLY_SEEDS = flags.DEFINE_list('only_seeds', [], 'Train only these seeds (of 0..N-1, '
+                                'N = --seeds); the report still uses every complete run.')
 _REPORT = flags.DEFINE_bool('report_only', False, 'Write the report from the complete '
                             'runs; train nothing.')
+_MERGE = flags.DEFINE_list('merge', [], 'Earlier reports (eta.json) of the same plan whose '
+                           'seeds join the report where OUT lacks them (seeds trained on '
+                           'another machine or in a workdir since deleted).')
 _SAMPLES = flags.DEFINE_integer('bootstrap', 2000, 'Bootstrap replicates.')
 
 
@@ -55,6 +61,20 @@ def main(argv):
     print(f'sweep.py: error: --only names no run of the plan: {unknown}; runs: '
           f'{[r.name for r in plan]}', file=sys.stderr)
     sys.exit(1)
+  try:
+    only_seeds = {int(s) for s in _ONLY_SEEDS.value}
+  except ValueError:
+    only_seeds = None
+  if only_seeds is None or not only_seeds <= set(range(seeds)):
+    print(f'sweep.py: error: --only_seeds={",".join(_ONLY_SEEDS.value)} is not a list of '
+          f'seeds in 0..{seeds - 1} (--seeds={seeds})', file=sys.stderr)
+    sys.exit(1)
+  try:
+    for path in _MERGE.value:
+      eta.read_report(path)
+  except ValueError as e:
+    print(f'sweep.py: error: --merge: {e}', file=sys.stderr)
+    sys.exit(1)
   sweep.estimate_times(plan, name, out)
   print(sweep.format_plan(plan, name, seeds, out))
   if _DRY.value:
@@ -68,12 +88,17 @@ def main(argv):
   if not _REPORT.value:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-      result = sweep.run_sweep(plan, out, seeds, only=set(_ONLY.value) or None)
+      result = sweep.run_sweep(plan, out, seeds, only=set(_ONLY.value) or None,
+                               only_seeds=only_seeds or None)
     except KeyboardInterrupt:
       print('\ninterrupted: re-run the same command to resume', file=sys.stderr)
       sys.exit(130)
-  eta.report([r.as_dict() for r in plan], out, title=f'sweep `{name}` ({out})',
-             samples=_SAMPLES.value)
+  try:
+    eta.report([r.as_dict() for r in plan], out, title=f'sweep `{name}` ({out})',
+               samples=_SAMPLES.value, merge=_MERGE.value)
+  except ValueError as e:
+    print(f'sweep.py: error: --merge: {e}', file=sys.stderr)
+    sys.exit(1)
   print(f'wrote {out}/eta.json, eta.md, eta.png')
   if result['failed']:
     print('failed runs: ' + ', '.join(f'{n} seed {s}' for n, s, _ in result['failed']),

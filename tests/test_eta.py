@@ -282,6 +282,55 @@ def test_report_falls_back_to_loss_and_flags_unseparated_curves(tiny_plan, tmp_p
   assert 'no `excess`' in open(os.path.join(out, 'eta.md')).read()
 
 
+def test_seeds_trained_apart_merge_into_the_report_of_one_sweep(tiny_plan, tmp_path):
+  part = [r for r in tiny_plan if r.name in ('dense_0.5x', 'dense_1x', 'dense_2x',
+                                             'moma_4t4i', 'mot_all')]
+  plan = [r.as_dict() for r in part]
+  both, a, b = (str(tmp_path / d) for d in ('both', 'a', 'b'))
+  sweep.run_sweep(part, both, 2, runner=FakeRunner(part), progress=_quiet())
+  runner = FakeRunner(part)
+  sweep.run_sweep(part, a, 2, runner=runner, only_seeds={0}, progress=_quiet())
+  assert {s for _, _, s in runner.calls} == {0}
+  runner = FakeRunner(part)
+  sweep.run_sweep(part, b, 2, runner=runner, only={'dense_1x', 'moma_4t4i', 'mot_all'},
+                  only_seeds={1}, progress=_quiet())
+  assert {(n, s) for _, n, s in runner.calls} == {('dense_1x', 1), ('moma_4t4i', 1),
+                                                  ('mot_all', 1)}
+  eta.report(plan, a, samples=50)
+  want = eta.report(plan, both, samples=50)
+  got = eta.report(plan, b, samples=50, merge=[os.path.join(a, 'eta.json')])
+  assert got['merged'] == {os.path.join(a, 'eta.json'): {
+      'dense_0.5x': [0], 'dense_1x': [0], 'dense_2x': [0], 'moma_4t4i': [0], 'mot_all': [0]}}
+  assert got['runs']['moma_4t4i']['seeds'] == [0, 1] and not got['warnings']
+  assert got['dense'][1]['seeds'] == [0, 1] and got['dense'][0]['seeds'] == [0]
+  for name in ('moma_4t4i', 'mot_all'):  # the 1x point and both sparse runs: as one sweep
+    assert got['runs'][name]['excess'] == want['runs'][name]['excess']
+  assert got['dense'][1]['excess'] == want['dense'][1]['excess']
+  pairs = [want['runs'][n]['excess'] for n in ('moma_4t4i', 'mot_all')] + [
+      want['dense'][1]['excess']]  # the runs with both seeds in the merged report
+  for p in eta.PANELS:
+    assert got['seed_noise_sd'][p] == pytest.approx(eta.pooled_sd(e[p]['values']
+                                                                  for e in pairs))
+  assert 'Seeds merged from' in open(os.path.join(b, 'eta.md')).read()
+  # A seed OUT has wins; a report of other settings or another metric is not merged.
+  again = eta.report(plan, both, samples=50, merge=[os.path.join(a, 'eta.json')])
+  assert again['merged'] == {} and again['runs'] == want['runs']
+  other = json.load(open(os.path.join(a, 'eta.json')))
+  other['dense'][1]['steps'] += 1
+  other['runs']['mot_all']['overrides'] = {'learning_rate': 1.0}
+  path = str(tmp_path / 'other.json')
+  json.dump(other, open(path, 'w'))
+  got = eta.report(plan, b, samples=50, merge=[path])
+  assert got['runs']['mot_all']['seeds'] == [1] and got['dense'][1]['seeds'] == [1]
+  assert sum('other steps' in w or 'other overrides' in w for w in got['warnings']) == 2
+  json.dump({**other, 'metric': 'loss'}, open(path, 'w'))
+  assert any('measures `loss`' in w for w in eta.report(plan, b, samples=50,
+                                                         merge=[path])['warnings'])
+  open(path, 'w').write('{"dense": []')
+  with pytest.raises(ValueError, match='other.json is not a readable eta.json'):
+    eta.read_report(path)
+
+
 def test_subprocess_runner_logs_and_reports_progress(tmp_path):
   seen = []
   log = str(tmp_path / 'train.log')

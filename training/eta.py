@@ -20,7 +20,8 @@ column), with e = eval `excess` (loss above the dataset's Bayes floor; `loss` if
                 the median `perf/tokens_per_s` in each run's metrics.jsonl
 
 `report(plan, out)` reads OUT/<run>/seed<k>/{eval.json, metrics.jsonl} of every complete run
-and writes OUT/eta.json, OUT/eta.md and OUT/eta.png.
+and writes OUT/eta.json, OUT/eta.md and OUT/eta.png; `merge=` adds the per-seed results of
+earlier reports of the same plan (another machine's seeds, a session whose workdirs are gone).
 """
 
 from __future__ import annotations
@@ -175,6 +176,61 @@ def load_runs(plan: list[dict], out: str) -> tuple[dict, list[str]]:
       entry['tokens_per_s'] = statistics.median(speeds) if speeds else None
       runs[name] = entry
   return {'metric': key, 'runs': runs}, warnings
+
+
+def read_report(path: str) -> dict:
+  """An eta.json written by report(); ValueError naming the path if it is not one."""
+  try:
+    with open(path) as f:
+      rep = json.load(f)
+    for d in [*rep['dense'], *rep['runs'].values()]:
+      if not all(len(d['excess'][p]['values']) == len(d['seeds']) for p in PANELS):
+        raise ValueError('seeds and values differ in length')
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    raise ValueError(f'{path} is not a readable eta.json ({type(e).__name__}: {e})') from e
+  return rep
+
+
+def merge_reports(loaded: dict, plan: list[dict], paths) -> list[str]:
+  """Adds to load_runs()'s result the seeds of earlier reports (eta.json files) that OUT
+  lacks; a run merges only where the report's steps, training FLOPs, config and overrides
+  (those it records) equal the plan's. Records {path: {run: [seeds]}} in loaded['merged'];
+  returns warnings. Raises ValueError for a path that is not a readable eta.json."""
+  warnings, by_name = [], {r['name']: r for r in plan}
+  loaded.setdefault('merged', {})
+  for path in paths:
+    rep = read_report(path)
+    entries = [(d['name'], d) for d in rep['dense']] + list(rep['runs'].items())
+    if rep.get('metric') != loaded['metric']:
+      warnings.append(f"{path} measures `{rep.get('metric')}`, this sweep "
+                      f"`{loaded['metric']}`: not merged")
+      continue
+    for name, e in entries:
+      r = by_name.get(name)
+      if r is None:
+        warnings.append(f'{path}: {name} is not a run of the plan: not merged')
+        continue
+      want = {'steps': r['steps'], 'train_flops': r['train_flops'],
+              'config': r['config_arg'], 'overrides': r['overrides']}
+      differ = [k for k, v in want.items() if k in e and (
+          not np.isclose(e[k], v, rtol=1e-9) if k == 'train_flops'
+          else json.dumps(e[k], sort_keys=True) != json.dumps(v, sort_keys=True))]
+      if differ:
+        warnings.append(f"{path}: {name} was trained with other {', '.join(differ)} than "
+                        'the plan: not merged')
+        continue
+      entry = loaded['runs'].setdefault(
+          name, {'seeds': [], 'tokens_per_s': None, **{p: [] for p in PANELS}})
+      new = [(k, i) for i, k in enumerate(e['seeds']) if k not in entry['seeds']]
+      if not new:
+        continue
+      rows = sorted([(k, [entry[p][j] for p in PANELS]) for j, k in enumerate(entry['seeds'])]
+                    + [(k, [e['excess'][p]['values'][i] for p in PANELS]) for k, i in new])
+      entry['seeds'] = [k for k, _ in rows]
+      for j, p in enumerate(PANELS):
+        entry[p] = [float(v[j]) for _, v in rows]
+      loaded['merged'].setdefault(path, {})[name] = [k for k, _ in new]
+  return warnings
 
 
 def _other_run(workdir: str, run: dict) -> str | None:
@@ -381,6 +437,9 @@ def markdown(result: dict, title: str) -> str:
                    + ', '.join(f"{w[p]['text']}× ({p})" for p in PANELS)
                    + f" the compute of {c['reference']}: the η a sparse model reaches if its "
                    "extra parameters help as much as the wider dense model's.")
+  for path, runs in result.get('merged', {}).items():
+    lines.append(f'Seeds merged from {path}: ' + ', '.join(
+        f"{name} ({', '.join(map(str, seeds))})" for name, seeds in runs.items()) + '.')
   if result['missing']:
     lines.append('Not complete yet: ' + ', '.join(result['missing']) + '.')
   for w in result.get('warnings', []):
@@ -424,9 +483,12 @@ def plot(result: dict, path: str) -> None:
   plt.close(fig)
 
 
-def report(plan: list[dict], out: str, *, title: str = 'sweep', samples: int = 2000) -> dict:
-  """Analyse OUT's complete runs; write OUT/eta.json, eta.md, eta.png. Returns eta.json."""
+def report(plan: list[dict], out: str, *, title: str = 'sweep', samples: int = 2000,
+           merge=()) -> dict:
+  """Analyse OUT's complete runs (and the seeds of the eta.json files in `merge` that OUT
+  lacks); write OUT/eta.json, eta.md, eta.png. Returns eta.json."""
   loaded, warnings = load_runs(plan, out)
+  warnings += merge_reports(loaded, plan, merge)
   step_times = None
   path = os.path.join(out, 'step_times.json')
   if os.path.exists(path):  # benchmarks/sweep_steps.py
@@ -434,6 +496,7 @@ def report(plan: list[dict], out: str, *, title: str = 'sweep', samples: int = 2
       step_times = json.load(f)['step_time_ratio']
   result = analyse(plan, loaded, samples=samples, step_times=step_times)
   result['warnings'] = warnings
+  result['merged'] = loaded['merged']
   result['title'] = title
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, 'eta.json'), 'w') as f:

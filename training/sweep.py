@@ -384,11 +384,14 @@ def _tail(path: str, n: int = 5) -> str:
 
 def run_sweep(plan: list[PlannedRun], out: str, seeds: int, *,
               runner: Runner = subprocess_runner, only: set[str] | None = None,
+              only_seeds: set[int] | None = None,
               progress: Progress | None = None) -> dict:
-  """Train + evaluate every (seed, run) not complete yet, seed-major. A failed run is named
-  (with its log's tail) and the sweep goes on. Returns {'done', 'skipped', 'failed'}."""
+  """Train + evaluate every (seed, run) not complete yet, seed-major (`only` / `only_seeds`:
+  just these run names / seeds). A failed run is named (with its log's tail) and the sweep
+  goes on. Returns {'done', 'skipped', 'failed'}."""
   progress = progress or Progress()
-  jobs = [(s, r) for s in range(seeds) for r in plan if not only or r.name in only]
+  jobs = [(s, r) for s in range(seeds) for r in plan
+          if (not only or r.name in only) and (not only_seeds or s in only_seeds)]
   result = {'done': [], 'skipped': [], 'failed': []}
   for i, (seed, run) in enumerate(jobs):
     wd = run.workdir(out, seed)
