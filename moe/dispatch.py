@@ -147,10 +147,20 @@ def dropless_dispatch_combine(x_GSD: jax.Array, routing: Routing, experts: Exper
   stats: dropped_fraction (always 0, for parity with the capacity path) and expert_load [E]
   (share of valid pairs per expert).
   """
+  assert experts.num_experts == routing.num_experts, (experts.num_experts, routing.num_experts)
+  y = dropless_sum(x_GSD, routing, experts.ragged_apply, experts.dtype, max_valid=max_valid)
+  return y.astype(x_GSD.dtype), dropless_stats(routing)
+
+
+def dropless_sum(x_GSD: jax.Array, routing: Routing, apply, dtype, *,
+                 max_valid: int | None = None) -> jax.Array:
+  """The dropless path's y [G, S, D] in float32: the valid pairs of all G groups sorted by
+  expert, `apply(rows [N, D] in dtype, group_sizes [E]) -> [N, D]` (a grouped SwiGLU) on
+  them, and the weighted scatter-add back to the tokens. Also the per-device body of
+  moe/parallel.py's `batch_parallel_dropless`, where G is one device's groups."""
   G, S, D = x_GSD.shape
   E = routing.num_experts
   assert routing.group_size == S and routing.token.shape[0] == G, (routing.token.shape, S)
-  assert experts.num_experts == E, (experts.num_experts, E)
   valid = routing.valid.reshape(-1)  # [G*P]
   flat_token = (routing.token.astype(jnp.int32)
                 + S * jnp.arange(G, dtype=jnp.int32)[:, None]).reshape(-1)
@@ -161,14 +171,20 @@ def dropless_dispatch_combine(x_GSD: jax.Array, routing: Routing, experts: Exper
   group_sizes = jnp.bincount(key, length=E + 1)[:E].astype(jnp.int32)
   valid_s = valid[order]
   token_s = jnp.where(valid_s, flat_token[order], 0)
-  rows = x_GSD.astype(experts.dtype).reshape(G * S, D)[token_s]  # [G*P, D], sorted
-  out = experts.ragged_apply(rows, group_sizes)
+  rows = x_GSD.astype(dtype).reshape(G * S, D)[token_s]  # [G*P, D], sorted
+  out = apply(rows, group_sizes)
   weight_s = jnp.where(valid, routing.weight.reshape(-1).astype(jnp.float32), 0.0)[order]
   # `where`, not a product: rows of invalid pairs belong to no expert group.
   contrib = jnp.where(valid_s[:, None], out.astype(jnp.float32) * weight_s[:, None], 0.0)
   y = jnp.zeros((G * S, D), jnp.float32).at[jnp.where(valid_s, token_s, G * S)].add(
       contrib, mode='drop')
-  num_valid = jnp.maximum(jnp.sum(group_sizes), 1).astype(jnp.float32)
-  stats = {'dropped_fraction': jnp.zeros((), jnp.float32),
-           'expert_load': group_sizes.astype(jnp.float32) / num_valid}
-  return y.reshape(G, S, D).astype(x_GSD.dtype), stats
+  return y.reshape(G, S, D)
+
+
+def dropless_stats(routing: Routing) -> dict[str, jax.Array]:
+  """dropped_fraction (0) and expert_load [E]: each expert's share of the valid pairs."""
+  E = routing.num_experts
+  key = jnp.where(routing.valid, routing.expert, E).reshape(-1)
+  load_E = jnp.bincount(key, length=E + 1)[:E].astype(jnp.float32)
+  return {'dropped_fraction': jnp.zeros((), jnp.float32),
+          'expert_load': load_E / jnp.maximum(jnp.sum(load_E), 1.0)}

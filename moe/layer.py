@@ -196,7 +196,10 @@ def run_experts(x_GSD: jax.Array, route: routing.Routing, experts: Experts, *,
   that already cap each expert, like MoMa's group expert choice). Otherwise pairs beyond
   `capacity` per expert and group are dropped first-come (capacity dispatch).
 
-  One device: dropless = sort + grouped matmul, capacity = padded buffers. Under expert
+  One device: dropless = sort + grouped matmul, capacity = padded buffers. On a mesh
+  without expert parallelism a dropless layer runs the same sort + grouped matmul on each
+  device's own groups (`parallel.batch_parallel_dropless`; plain jit would sort the
+  global batch on every device) where the batch axes split G, as they do in training. Under expert
   parallelism (mesh axis `expert` > 1) a dropless layer moves only its real rows with a
   ragged all-to-all where `parallel.ragged_exchange()` gives one (GPU/TPU by default;
   `parallel.RAGGED_EP`); otherwise, and for capacity dispatch, the padded all_to_all path
@@ -206,6 +209,10 @@ def run_experts(x_GSD: jax.Array, route: routing.Routing, experts: Experts, *,
   """
   n_shards = parallel.expert_axis_size()
   if dropless and n_shards == 1:
+    if parallel.batch_parallel_applies(x_GSD.shape[0]):  # each device sorts its own groups
+      return parallel.batch_parallel_dropless(
+          x_GSD, route, experts.w_gate[...], experts.w_up[...], experts.w_down[...],
+          experts.dtype, impl=experts.grouped_impl, max_valid=max_valid)
     return dispatch.dropless_dispatch_combine(x_GSD, route, experts, max_valid=max_valid)
   exchange = parallel.ragged_exchange() if dropless else None
   if exchange is not None:

@@ -31,11 +31,13 @@ chunks, which runs everywhere (tests; CPU). `RAGGED_EP` picks the path (`ragged_
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from core import partitioning
-from moe import grouped
+from moe import dispatch, grouped
 from moe.routing import Routing
 
 # Dropless layers under expert parallelism, read by moe/layer.py: run_experts:
@@ -213,8 +215,58 @@ def ragged_expert_parallel(x_GSD: jax.Array, route: Routing, w_gate_EDF: jax.Arr
       local, in_specs=(x_spec, pair_spec, pair_spec, pair_spec, pair_spec, in_w, in_w, out_w),
       out_specs=x_spec)(x_GSD, route.token, route.expert, route.weight, route.valid,
                         w_gate_EDF, w_up_EDF, w_down_EFD)
-  key = jnp.where(route.valid, route.expert, E).reshape(-1)
-  load_E = jnp.bincount(key, length=E + 1)[:E].astype(jnp.float32)
-  stats = {'dropped_fraction': jnp.zeros((), jnp.float32),
-           'expert_load': load_E / jnp.maximum(jnp.sum(load_E), 1.0)}
-  return y, stats
+  return y, dispatch.dropless_stats(route)
+
+
+def batch_parallel_applies(num_groups: int) -> bool:
+  """Whether `batch_parallel_dropless` runs here: a mesh context of more than one device,
+  not inside another shard_map, whose batch axes (data x fsdp x expert) split the G routing
+  groups evenly (then no group spans two devices)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+    return False
+  shards = math.prod(mesh.shape[a] for a in partitioning.BATCH_AXES if a in mesh.axis_names)
+  return num_groups % shards == 0
+
+
+def batch_parallel_dropless(x_GSD: jax.Array, route: Routing, w_gate_EDF: jax.Array,
+                            w_up_EDF: jax.Array, w_down_EFD: jax.Array, dtype, *,
+                            impl: str = 'auto', max_valid: int | None = None):
+  """The dropless layer without expert parallelism (mesh axis `expert` = 1) on a mesh:
+  `dispatch.dropless_dispatch_combine`'s function, (y [G, S, D] in x.dtype, stats), with
+  each device sorting and computing only its own groups.
+
+  Under plain jit the dropless path's argsort runs over the pairs of ALL groups, so XLA
+  gathers every device's pairs, and the sorted rows [G*P, D] of the global batch (with
+  float32 all-reduces of that size over 'fsdp') live on every device: memory and traffic
+  of the MoE layers grow with the number of batch shards (docs/moe.md). Here one
+  `jax.shard_map` over the whole mesh, as `ragged_expert_parallel` (`partitioning.per_shard`,
+  over the axes of size > 1 only, trips the manual-axis type check in the kernels'
+  searchsorted): groups split like the batch, expert weights gathered over 'fsdp' inside
+  (FSDP) and then cast to `dtype`, hidden F split over 'tensor' + a float32 psum.
+  `batch_parallel_applies` checks that no routing group spans two devices, so the result
+  equals the single-device one.
+  """
+  E = route.num_experts
+  S = x_GSD.shape[1]
+  x_spec = partitioning.logical_to_spec(('batch', None, None))
+  pair_spec = partitioning.logical_to_spec(('batch', None))
+  in_w = partitioning.logical_to_spec(('expert', 'embed', 'mlp'))
+  out_w = partitioning.logical_to_spec(('expert', 'mlp', 'embed'))
+
+  def local(x, token_GP, expert_GP, weight_GP, valid_GP, wg, wu, wd):
+    # gathered in float32, then cast: the gradients' reduce-scatter stays float32
+    wg = jax.lax.all_gather(wg, 'fsdp', axis=1, tiled=True).astype(dtype)
+    wu = jax.lax.all_gather(wu, 'fsdp', axis=1, tiled=True).astype(dtype)
+    wd = jax.lax.all_gather(wd, 'fsdp', axis=2, tiled=True).astype(dtype)
+    r = Routing(token_GP, expert_GP, weight_GP, valid_GP, num_experts=E, group_size=S)
+    y = dispatch.dropless_sum(
+        x, r, lambda rows, sizes: grouped.grouped_swiglu(rows, wg, wu, wd, sizes, impl=impl),
+        dtype, max_valid=max_valid)
+    return jax.lax.psum(y, 'tensor').astype(x.dtype)  # hidden F split over 'tensor'
+
+  y = jax.shard_map(
+      local, in_specs=(x_spec, pair_spec, pair_spec, pair_spec, pair_spec, in_w, in_w, out_w),
+      out_specs=x_spec)(x_GSD, route.token, route.expert, route.weight, route.valid,
+                        w_gate_EDF, w_up_EDF, w_down_EFD)
+  return y, dispatch.dropless_stats(route)

@@ -2,6 +2,7 @@
 really split over the `expert` axis, and bad MoE configs fail before compilation."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +56,35 @@ def test_expert_parallel_step_uses_all_to_all():
   with jax.set_mesh(mesh):
     hlo = jax.jit(step).lower(layout.abstract, batch).compile().as_text()
   assert 'all-to-all' in hlo
+
+
+def _sort_sizes(hlo: str) -> set[int]:
+  """Lengths of the 1-D sorts in a compiled program (the dropless path's argsort)."""
+  return {int(n) for n in re.findall(r'= \(s32\[(\d+)\][^=]*? sort\(', hlo)}
+
+
+@pytest.mark.parametrize('shape', [(1, 8, 1, 1), (2, 2, 1, 2)],
+                         ids=lambda s: 'x'.join(map(str, s)))
+def test_dropless_without_expert_parallelism_sorts_each_device_groups(shape, reference):
+  """Data / FSDP / tensor meshes with expert = 1: the same loss and gradients as one device,
+  and each device sorts only its own pairs (moe/parallel.py batch_parallel_dropless), not the
+  global batch's (which plain jit does after an all-gather)."""
+  config = moe_tiny(**{f'mesh.{a}': s for a, s in zip(partitioning.MESH_AXES, shape)})
+  loss, grads, _ = loss_and_grads(config, jax.devices())
+  np.testing.assert_allclose(loss, reference[0], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+               grads, reference[1])
+  mesh = partitioning.make_mesh(config.mesh)
+  layout = state_lib.state_layout(config, mesh)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=partitioning.batch_sharding(mesh))
+           for k, v in random_batch(config.batch_size, config.seq_len).items()}
+  step = functools.partial(step_lib.train_step, graphdef=layout.graphdef, tx=layout.tx,
+                           num_modalities=2)
+  with jax.set_mesh(mesh):
+    hlo = jax.jit(step).lower(layout.abstract, batch).compile().as_text()
+  pairs = config.batch_size * config.seq_len * config.model.moe.k  # of the global batch
+  local = pairs // (shape[0] * shape[1])
+  assert _sort_sizes(hlo) == {local}, (_sort_sizes(hlo), local, pairs)
 
 
 @pytest.mark.parametrize('router', ['expert_choice', 'batch_prioritized', 'topk_sigmoid'])
