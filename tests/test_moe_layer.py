@@ -45,8 +45,8 @@ def test_expert_parallel_equals_single_device(shape, reference):
   assert w.addressable_shards[0].data.size == w.size // (shape[1] * shape[2] * shape[3])
 
 
-def test_expert_parallel_step_uses_all_to_all():
-  config = moe_tiny(**{'mesh.data': 2, 'mesh.expert': 4})
+def compiled_step_hlo(config) -> str:
+  """The compiled train step's HLO text on the config's mesh (abstract state)."""
   mesh = partitioning.make_mesh(config.mesh)
   layout = state_lib.state_layout(config, mesh)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=partitioning.batch_sharding(mesh))
@@ -54,7 +54,12 @@ def test_expert_parallel_step_uses_all_to_all():
   step = functools.partial(step_lib.train_step, graphdef=layout.graphdef, tx=layout.tx,
                            num_modalities=2)
   with jax.set_mesh(mesh):
-    hlo = jax.jit(step).lower(layout.abstract, batch).compile().as_text()
+    return jax.jit(step).lower(layout.abstract, batch).compile().as_text()
+
+
+def test_expert_parallel_step_uses_all_to_all():
+  config = moe_tiny(**{'mesh.data': 2, 'mesh.expert': 4})
+  hlo = compiled_step_hlo(config)
   assert 'all-to-all' in hlo
 
 
@@ -74,14 +79,7 @@ def test_dropless_without_expert_parallelism_sorts_each_device_groups(shape, ref
   np.testing.assert_allclose(loss, reference[0], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
                grads, reference[1])
-  mesh = partitioning.make_mesh(config.mesh)
-  layout = state_lib.state_layout(config, mesh)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=partitioning.batch_sharding(mesh))
-           for k, v in random_batch(config.batch_size, config.seq_len).items()}
-  step = functools.partial(step_lib.train_step, graphdef=layout.graphdef, tx=layout.tx,
-                           num_modalities=2)
-  with jax.set_mesh(mesh):
-    hlo = jax.jit(step).lower(layout.abstract, batch).compile().as_text()
+  hlo = compiled_step_hlo(config)
   pairs = config.batch_size * config.seq_len * config.model.moe.k  # of the global batch
   local = pairs // (shape[0] * shape[1])
   assert _sort_sizes(hlo) == {local}, (_sort_sizes(hlo), local, pairs)
