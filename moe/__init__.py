@@ -16,5 +16,6 @@ how the batch is sharded, so the computed function does not depend on the mesh.
   dispatch.py  capacity-based (drop overflow) and dropless (sort + ragged_dot) paths
   experts.py   stacked SwiGLU experts [E, D, F], shared experts, PR-MoE residual form
   layer.py     router + dispatch + experts as one nnx module returning (y, aux)
-  parallel.py  expert parallelism: shard_map + all_to_all over the mesh axis 'expert'
+  parallel.py  expert parallelism: shard_map + all_to_all over the mesh axis 'expert';
+               the per-device dropless layer of batch-sharded meshes
 """

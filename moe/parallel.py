@@ -1,4 +1,6 @@
 """Expert parallelism: experts live on the devices of the mesh axis `expert`; tokens travel.
+(Also `batch_parallel_dropless`, at the end: a dropless layer on a mesh without expert
+parallelism, each device on its own groups.)
 
 Two paths, both one `jax.shard_map` over the whole mesh (groups G split over data x fsdp x
 expert like the batch; expert weights [E, D, F] over ('expert', 'fsdp', 'tensor'), gathered
@@ -31,8 +33,6 @@ chunks, which runs everywhere (tests; CPU). `RAGGED_EP` picks the path (`ragged_
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
@@ -62,6 +62,29 @@ def expert_axis_size() -> int:
   return mesh.shape['expert']
 
 
+def _weight_specs():
+  """Specs of w_gate, w_up [E, D, F] and w_down [E, F, D], sharded as the rules table says:
+  over ('expert', 'fsdp', 'tensor') and ('expert', 'tensor', 'fsdp')."""
+  in_w = partitioning.logical_to_spec(('expert', 'embed', 'mlp'))
+  return in_w, in_w, partitioning.logical_to_spec(('expert', 'mlp', 'embed'))
+
+
+def _dropless_in_specs():
+  """in_specs of the dropless shard_maps: x [G, S, D] and the routing's token, expert, weight
+  and valid [G, P] split like the batch, then the three expert weights."""
+  pair = partitioning.logical_to_spec(('batch', None))
+  return (partitioning.logical_to_spec(('batch', None, None)), pair, pair, pair, pair,
+          *_weight_specs())
+
+
+def _gather_experts(wg, wu, wd, dtype):
+  """Inside a shard_map: the expert weights whole over 'fsdp' (their embed axis), in `dtype`.
+  Gathered in float32, then cast, so their gradients' reduce-scatter stays float32."""
+  return (jax.lax.all_gather(wg, 'fsdp', axis=1, tiled=True).astype(dtype),
+          jax.lax.all_gather(wu, 'fsdp', axis=1, tiled=True).astype(dtype),
+          jax.lax.all_gather(wd, 'fsdp', axis=2, tiled=True).astype(dtype))
+
+
 def expert_parallel_swiglu(buffers_EGCD: jax.Array, w_gate_EDF: jax.Array,
                            w_up_EDF: jax.Array, w_down_EFD: jax.Array, dtype) -> jax.Array:
   """SwiGLU expert j applied to buffers[j], with experts sharded over 'expert'.
@@ -71,20 +94,16 @@ def expert_parallel_swiglu(buffers_EGCD: jax.Array, w_gate_EDF: jax.Array,
   'fsdp'). Output: [E, G, C, D] sharded like the input buffers.
   """
   buf_spec = partitioning.logical_to_spec((None, 'batch', None, None))
-  in_w = partitioning.logical_to_spec(('expert', 'embed', 'mlp'))
-  out_w = partitioning.logical_to_spec(('expert', 'mlp', 'embed'))
 
   def local(buf, wg, wu, wd):
-    wg = jax.lax.all_gather(wg, 'fsdp', axis=1, tiled=True).astype(dtype)
-    wu = jax.lax.all_gather(wu, 'fsdp', axis=1, tiled=True).astype(dtype)
-    wd = jax.lax.all_gather(wd, 'fsdp', axis=2, tiled=True).astype(dtype)
+    wg, wu, wd = _gather_experts(wg, wu, wd, dtype)
     x = jax.lax.all_to_all(buf, 'expert', split_axis=0, concat_axis=1, tiled=True)
     x = x.astype(dtype)
     h = jax.nn.silu(jnp.einsum('EGCD,EDF->EGCF', x, wg)) * jnp.einsum('EGCD,EDF->EGCF', x, wu)
     y = jax.lax.psum(jnp.einsum('EGCF,EFD->EGCD', h, wd), 'tensor')  # F split over tensor
     return jax.lax.all_to_all(y, 'expert', split_axis=1, concat_axis=0, tiled=True)
 
-  return jax.shard_map(local, in_specs=(buf_spec, in_w, in_w, out_w), out_specs=buf_spec)(
+  return jax.shard_map(local, in_specs=(buf_spec, *_weight_specs()), out_specs=buf_spec)(
       buffers_EGCD, w_gate_EDF, w_up_EDF, w_down_EFD)
 
 
@@ -153,10 +172,6 @@ def ragged_expert_parallel(x_GSD: jax.Array, route: Routing, w_gate_EDF: jax.Arr
     raise ValueError(f'{E} experts do not split over mesh axis expert={n}')
   El = E // n  # experts per device
   assert route.group_size == S and route.token.shape[0] == G, (route.token.shape, S)
-  x_spec = partitioning.logical_to_spec(('batch', None, None))
-  pair_spec = partitioning.logical_to_spec(('batch', None))
-  in_w = partitioning.logical_to_spec(('expert', 'embed', 'mlp'))
-  out_w = partitioning.logical_to_spec(('expert', 'mlp', 'embed'))
 
   def local(x, token_GP, expert_GP, weight_GP, valid_GP, wg, wu, wd):
     g = x.shape[0]  # local groups
@@ -187,9 +202,7 @@ def ragged_expert_parallel(x_GSD: jax.Array, route: Routing, w_gate_EDF: jax.Arr
 
     # Received: chunk from device s at recv_offsets[s, me], itself sorted by expert. Sort
     # the rows by local expert (stable: source-major within an expert); spare rows last.
-    wg = jax.lax.all_gather(wg, 'fsdp', axis=1, tiled=True).astype(dtype)
-    wu = jax.lax.all_gather(wu, 'fsdp', axis=1, tiled=True).astype(dtype)
-    wd = jax.lax.all_gather(wd, 'fsdp', axis=2, tiled=True).astype(dtype)
+    wg, wu, wd = _gather_experts(wg, wu, wd, dtype)
     local_counts = jax.lax.dynamic_slice_in_dim(counts_nE, me * El, El, axis=1)  # [n, El]
     row = jnp.arange(M, dtype=jnp.int32)
     src = jnp.searchsorted(jnp.cumsum(recv_sizes), row, side='right')  # n: spare row
@@ -212,8 +225,7 @@ def ragged_expert_parallel(x_GSD: jax.Array, route: Routing, w_gate_EDF: jax.Arr
     return y.reshape(g, S, D).astype(x.dtype)
 
   y = jax.shard_map(
-      local, in_specs=(x_spec, pair_spec, pair_spec, pair_spec, pair_spec, in_w, in_w, out_w),
-      out_specs=x_spec)(x_GSD, route.token, route.expert, route.weight, route.valid,
+      local, in_specs=_dropless_in_specs(), out_specs=partitioning.logical_to_spec(('batch', None, None)))(x_GSD, route.token, route.expert, route.weight, route.valid,
                         w_gate_EDF, w_up_EDF, w_down_EFD)
   return y, dispatch.dropless_stats(route)
 
@@ -225,8 +237,7 @@ def batch_parallel_applies(num_groups: int) -> bool:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1 or mesh.manual_axes:
     return False
-  shards = math.prod(mesh.shape[a] for a in partitioning.BATCH_AXES if a in mesh.axis_names)
-  return num_groups % shards == 0
+  return num_groups % partitioning.batch_shards(mesh) == 0
 
 
 def batch_parallel_dropless(x_GSD: jax.Array, route: Routing, w_gate_EDF: jax.Array,
@@ -249,16 +260,9 @@ def batch_parallel_dropless(x_GSD: jax.Array, route: Routing, w_gate_EDF: jax.Ar
   """
   E = route.num_experts
   S = x_GSD.shape[1]
-  x_spec = partitioning.logical_to_spec(('batch', None, None))
-  pair_spec = partitioning.logical_to_spec(('batch', None))
-  in_w = partitioning.logical_to_spec(('expert', 'embed', 'mlp'))
-  out_w = partitioning.logical_to_spec(('expert', 'mlp', 'embed'))
 
   def local(x, token_GP, expert_GP, weight_GP, valid_GP, wg, wu, wd):
-    # gathered in float32, then cast: the gradients' reduce-scatter stays float32
-    wg = jax.lax.all_gather(wg, 'fsdp', axis=1, tiled=True).astype(dtype)
-    wu = jax.lax.all_gather(wu, 'fsdp', axis=1, tiled=True).astype(dtype)
-    wd = jax.lax.all_gather(wd, 'fsdp', axis=2, tiled=True).astype(dtype)
+    wg, wu, wd = _gather_experts(wg, wu, wd, dtype)
     r = Routing(token_GP, expert_GP, weight_GP, valid_GP, num_experts=E, group_size=S)
     y = dispatch.dropless_sum(
         x, r, lambda rows, sizes: grouped.grouped_swiglu(rows, wg, wu, wd, sizes, impl=impl),
@@ -266,7 +270,6 @@ def batch_parallel_dropless(x_GSD: jax.Array, route: Routing, w_gate_EDF: jax.Ar
     return jax.lax.psum(y, 'tensor').astype(x.dtype)  # hidden F split over 'tensor'
 
   y = jax.shard_map(
-      local, in_specs=(x_spec, pair_spec, pair_spec, pair_spec, pair_spec, in_w, in_w, out_w),
-      out_specs=x_spec)(x_GSD, route.token, route.expert, route.weight, route.valid,
+      local, in_specs=_dropless_in_specs(), out_specs=partitioning.logical_to_spec(('batch', None, None)))(x_GSD, route.token, route.expert, route.weight, route.valid,
                         w_gate_EDF, w_up_EDF, w_down_EFD)
   return y, dispatch.dropless_stats(route)
